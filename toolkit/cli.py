@@ -1,0 +1,170 @@
+"""``toolkit`` command line (fire). Run ``toolkit --help`` or ``toolkit COMMAND --help``.
+
+Commands: shard, demo, bench. Training runs through ``accelerate launch launch/embed.py``
+(see README) so the same command works on CPU, one GPU, many GPUs and many machines.
+
+fire would run a function *before* complaining about a flag it does not know, so
+:func:`main` checks every ``--flag`` against the command's signature first and stops with
+one line naming the bad flag.
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+import time
+from pathlib import Path
+
+from toolkit.config import ConfigError
+from toolkit.data.folder import DataError
+
+
+def shard(
+    src: str,
+    out: str,
+    *,
+    val_fraction: float = 0.15,
+    seed: int = 0,
+    image_size: int = 32,
+    grayscale: bool = True,
+    samples_per_shard: int = 1000,
+    workers: int = 0,
+    overwrite: bool = False,
+):
+    """Write an image folder (one sub-folder per class) as WebDataset shards.
+
+    Lists SRC into a pandas manifest (relative path, class name, class index with classes
+    sorted, split), splits it stratified per class, preprocesses every image in worker
+    processes and writes OUT/train-000000.tar ..., OUT/val-000000.tar ..., OUT/_info.json,
+    OUT/manifest.csv and OUT/skipped.csv (unreadable images with the reason). Output goes to
+    a temporary folder first and is moved into place only when complete.
+
+    Args:
+        src: image folder, SRC/<class>/<image>; files without an image extension are ignored (and listed in OUT/ignored.csv).
+        out: output folder for the shards; must not exist unless --overwrite.
+        val_fraction: share of each class put in the validation split (round(f*n) images; a class with a single image stays in train, with a warning).
+        seed: seed of the split and of the shuffle inside the shards.
+        image_size: images are resized to SIZE x SIZE at shard time (the seed uses 32); 0 keeps the original size.
+        grayscale: convert to one grey channel (the seed does); --nograyscale keeps RGB.
+        samples_per_shard: samples per tar file.
+        workers: preprocessing processes (0 = one per CPU core, at most 8).
+        overwrite: replace OUT if it exists (the old one is removed only after the new one is complete).
+    """
+    from toolkit.data.shards import write_shards
+
+    t0 = time.time()
+    info = write_shards(
+        src,
+        out,
+        val_fraction=val_fraction,
+        seed=seed,
+        image_size=image_size or None,
+        grayscale=grayscale,
+        samples_per_shard=samples_per_shard,
+        workers=workers or None,
+        overwrite=overwrite,
+    )
+    _print_shard_summary(info, out, time.time() - t0)
+
+
+def _print_shard_summary(info: dict, out: str | Path, seconds: float) -> None:
+    tr, va = info["splits"]["train"], info["splits"]["val"]
+    print(
+        f"wrote {out}: {info['num_classes']} classes, train {tr['num_samples']} images in "
+        f"{len(tr['filenames'])} shards, val {va['num_samples']} in {len(va['filenames'])} shards "
+        f"({seconds:.1f} s)"
+    )
+    if info["skipped"]:
+        print(f"skipped {info['skipped']} unreadable images (reasons in {Path(out) / 'skipped.csv'}):")
+        for path, reason in info["_skipped_list"][:10]:
+            print(f"  {path}: {reason}")
+        if info["skipped"] > 10:
+            print(f"  ... and {info['skipped'] - 10} more")
+    if info["ignored_non_images"]:
+        print(f"ignored {info['ignored_non_images']} non-image files (listed in {Path(out) / 'ignored.csv'})")
+
+
+def demo(*, out: str = "shards/digits", runs: str = "runs", overwrite: bool = False, workers: int = 2):
+    """Run the whole job on scikit-learn's handwritten digits (1,797 real 8x8 images, no download).
+
+    Writes the digits as an image folder in the cache (~/.cache/toolkit/digits or
+    $TOOLKIT_CACHE), shards it into OUT, and streams one training epoch of P×K batches.
+
+    Args:
+        out: shard folder to write (re-used if it exists, unless --overwrite).
+        runs: folder for run outputs.
+        overwrite: rebuild the shards even if OUT exists.
+        workers: data-loader worker processes.
+    """
+    from toolkit.data.datasets import default_data_dir, write_digits_folder
+    from toolkit.data.shards import INFO_NAME, write_shards
+    from toolkit.data.stream import ShardStream, make_loader
+
+    t0 = time.time()
+    folder = write_digits_folder(default_data_dir())
+    print(f"digits image folder: {folder}")
+    if overwrite or not (Path(out) / INFO_NAME).is_file():
+        info = write_shards(folder, out, image_size=32, overwrite=overwrite or Path(out).exists())
+        _print_shard_summary(info, out, time.time() - t0)
+    else:
+        print(f"re-using shards in {out} (pass --overwrite to rebuild)")
+    stream = ShardStream(out, split="train", mode="train", batch_size=100, K=10)
+    n = images = 0
+    t1 = time.time()
+    for _, x, _ in make_loader(stream, num_workers=workers):
+        n += 1
+        images += x.shape[0]
+    dt = time.time() - t1
+    print(f"streamed one epoch: {n} P×K batches ({stream.P}×{stream.K}), {images} images, {images / dt:.0f} images/s")
+
+
+def bench(what: str = "loader", **options):
+    """Benchmarks that print both sides and their ratio. WHAT: loader.
+
+    loader: samples/s of the shard stream vs the seed's way of reading (pandas manifest +
+    per-item PIL open, grayscale, resize from the original folder), same batch size and
+    workers. Options: --size small|camera|both, --batch_size, --workers, --out FILE.json.
+    """
+    from toolkit.bench import run_bench
+
+    return run_bench(what, **options)
+
+
+COMMANDS = {"shard": shard, "demo": demo, "bench": bench}
+
+
+def _check_flags(argv: list[str]) -> None:
+    """Reject unknown ``--flags`` before fire runs anything."""
+    if not argv or argv[0] not in COMMANDS:
+        return
+    fn = COMMANDS[argv[0]]
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return  # the command validates its own options (e.g. bench)
+    known = set(params)
+    for tok in argv[1:]:
+        if tok in ("--", "-h", "--help"):
+            return
+        if tok.startswith("--"):
+            name = tok[2:].split("=", 1)[0].replace("-", "_")
+            base = name[2:] if name.startswith("no") and name[2:] in known else name
+            if base not in known:
+                raise ConfigError(
+                    f"toolkit {argv[0]}: unknown option --{name.replace('_', '-')} "
+                    f"(known: {', '.join('--' + k for k in params if params[k].kind is inspect.Parameter.KEYWORD_ONLY)})"
+                )
+
+
+def main(argv: list[str] | None = None) -> None:
+    import fire
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _check_flags(argv)
+        fire.Fire(COMMANDS, command=argv, name="toolkit")
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""Streaming loader over WebDataset shards, for any number of ranks and workers.
+
+Who reads what. Every (rank, data-loader worker) pair is one *slot*; there are
+``world_size * num_workers`` slots. Shards are dealt to slots round-robin in an order that
+depends on (seed, epoch) only, so all ranks agree without talking. When there are fewer
+shards than slots, slots share a shard and each keeps every m-th sample of it (m = number
+of sharers) -- nothing is read twice, nothing is lost, and "1 shard, 2 ranks × 2 workers"
+is not an error.
+
+Two modes:
+
+* ``train``: each slot streams its shards *forever* (pass after pass, reshuffled per pass),
+  builds batches (class-balanced P×K by default), and the loader is cut at exactly
+  ``steps_per_epoch`` batches. Every rank therefore yields the same number of batches
+  whatever the shard sizes -- DDP never waits on a rank that ran dry.
+* ``eval``: one pass, fixed order, each sample of the split seen exactly once across all
+  ranks and workers, with its key; ranks may yield different batch counts (the validator
+  gathers results once at the end, it does not step in lockstep).
+
+P×K batches: per-class buffers fill from the shuffled stream; as soon as P classes hold K
+images, a batch of exactly P classes × K images is emitted (the P classes with the fullest
+buffers, random tie-break). Buffers survive from one pass to the next, so a class with
+fewer than K images in a slot's share is completed on the next pass (its images can then
+repeat inside a batch). If no batch can be formed for three whole passes (fewer than P
+classes with K images reachable), the loader raises a clear error instead of spinning.
+"""
+from __future__ import annotations
+
+import io
+import random
+import warnings
+from collections import defaultdict, deque
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import get_worker_info
+
+from toolkit.data.folder import DataError
+from toolkit.data.shards import read_info
+
+Mode = Literal["train", "eval"]
+
+
+def pk_shape(*, batch_size: int, K: int, P: int = 0, num_classes: int) -> tuple[int, int]:
+    """Resolve (P, K): ``P=0`` fills the batch with as many classes as fit (seed-like)."""
+    if K < 2:
+        raise DataError(f"K must be >= 2 (a class needs a positive pair), got {K}")
+    if P <= 0:
+        P = min(num_classes, batch_size // K)
+    if P < 2:
+        raise DataError(f"P×K batching needs at least 2 classes per batch (batch_size={batch_size}, K={K})")
+    if P > num_classes:
+        raise DataError(f"P={P} classes per batch requested but the shards have only {num_classes}")
+    if P * K > batch_size:
+        raise DataError(f"P×K = {P}×{K} = {P * K} is larger than batch_size={batch_size}")
+    return P, K
+
+
+def assign_shards(num_shards: int, num_slots: int, slot: int) -> tuple[list[int], int, int]:
+    """Which shard positions a slot reads, and which of their samples it keeps.
+
+    Returns ``(positions, stride, offset)``: the slot keeps samples ``i`` of those shards
+    with ``i % stride == offset``. With at least as many shards as slots, stride is 1.
+    """
+    if num_shards >= num_slots:
+        return list(range(slot, num_shards, num_slots)), 1, 0
+    position = slot % num_shards
+    sharers = [s for s in range(num_slots) if s % num_shards == position]
+    return [position], len(sharers), sharers.index(slot)
+
+
+def decode_sample(sample: dict) -> tuple[str, torch.Tensor, int]:
+    """Raw WebDataset sample -> (key, uint8 image (C, H, W), class index)."""
+    with Image.open(io.BytesIO(sample["png"])) as im:
+        arr = np.array(im)  # a writable copy: torch refuses read-only buffers
+    if arr.ndim == 2:
+        arr = arr[:, :, None]  # (H, W) -> (H, W, 1)
+    image = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (C, H, W) uint8
+    return sample["__key__"], image, int(sample["cls"])
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """The per-rank dataset. Iterate it through :func:`make_loader` (a WebLoader)."""
+
+    def __init__(
+        self,
+        folder: str | Path,
+        *,
+        split: str = "train",
+        mode: Mode = "train",
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int = 64,
+        P: int = 0,
+        K: int = 4,
+        batching: Literal["pk", "random"] = "pk",
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        strict: bool = False,
+    ):
+        super().__init__()
+        info = read_info(folder)
+        if split not in info["splits"]:
+            raise DataError(f"{folder}: no split {split!r} (have {', '.join(info['splits'])})")
+        sinfo = info["splits"][split]
+        if sinfo["num_samples"] == 0:
+            raise DataError(f"{folder}: split {split!r} is empty")
+        self.folder = str(folder)
+        self.urls = [str(Path(folder) / f) for f in sinfo["filenames"]]
+        self.num_samples = int(sinfo["num_samples"])
+        self.classes = list(info["classes"])
+        self.split, self.mode = split, mode
+        self.rank, self.world_size = rank, world_size
+        self.batch_size, self.batching = batch_size, batching
+        if mode == "train" and batching == "pk":
+            self.P, self.K = pk_shape(batch_size=batch_size, K=K, P=P, num_classes=len(self.classes))
+        else:
+            self.P, self.K = 0, 0
+        self.shuffle_buffer, self.seed, self.strict = shuffle_buffer, seed, strict
+        self.epoch = 0
+
+    # --- sizing ---------------------------------------------------------------------------
+    @property
+    def train_batch_size(self) -> int:
+        return self.P * self.K if self.batching == "pk" else self.batch_size
+
+    def steps_per_epoch(self) -> int:
+        """Batches per rank per epoch: one pass over the split by all ranks together."""
+        return max(1, self.num_samples // (self.world_size * self.train_batch_size))
+
+    def set_epoch(self, epoch: int) -> None:
+        # Workers are started afresh each epoch with a copy of this object, so the epoch
+        # travels with it and seeds shard order and shuffle in every worker.
+        self.epoch = epoch
+
+    # --- iteration ------------------------------------------------------------------------
+    def _slot(self) -> tuple[int, int]:
+        wi = get_worker_info()
+        workers, worker = (wi.num_workers, wi.id) if wi is not None else (1, 0)
+        return self.rank * workers + worker, self.world_size * workers
+
+    def _handler(self, exn: Exception) -> bool:
+        if self.strict:
+            raise DataError(f"corrupt shard data: {exn}") from exn
+        warnings.warn(f"skipping unreadable data: {str(exn).splitlines()[0][:200]}", stacklevel=2)
+        return True  # keep going
+
+    def _samples(self, pass_index: int, slot: int, num_slots: int) -> Iterator[tuple[str, torch.Tensor, int]]:
+        """One pass over this slot's share, decoded, in (seed, epoch, pass)-shuffled order."""
+        import webdataset as wds
+
+        order = list(range(len(self.urls)))
+        if self.mode == "train":
+            random.Random(f"{self.seed}/{self.epoch}/{pass_index}").shuffle(order)
+        positions, stride, offset = assign_shards(len(order), num_slots, slot)
+        urls = [{"url": self.urls[order[p]]} for p in positions]
+        raw = wds.tarfile_to_samples(handler=self._handler)(iter(urls))
+        for i, sample in enumerate(raw):
+            # Samples of a shared shard are dealt by position inside the shard; the counter
+            # resets per shard because `positions` has one shard whenever stride > 1.
+            if i % stride != offset:
+                continue
+            try:
+                yield decode_sample(sample)
+            except Exception as exn:  # noqa: BLE001
+                if self._handler(exn):
+                    continue
+
+    def _shuffled(self, pass_index: int, slot: int, num_slots: int):
+        from webdataset.filters import _shuffle
+
+        rng = random.Random(f"{self.seed}/{self.epoch}/{pass_index}/{slot}")
+        return _shuffle(self._samples(pass_index, slot, num_slots), bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
+
+    def __iter__(self):
+        slot, num_slots = self._slot()
+        if self.mode == "eval":
+            yield from _batches(self._samples(0, slot, num_slots), self.batch_size)
+            return
+        if self.batching == "pk":
+            yield from self._pk_batches(slot, num_slots)
+        else:
+            yield from self._random_batches(slot, num_slots)
+
+    def _random_batches(self, slot: int, num_slots: int):
+        pass_index = 0
+        while True:
+            n = 0
+            for batch in _batches(self._shuffled(pass_index, slot, num_slots), self.batch_size, drop_last=True):
+                n += 1
+                yield batch
+            if n == 0 and pass_index > 2:
+                raise DataError(f"slot {slot}: fewer than batch_size={self.batch_size} samples reachable")
+            pass_index += 1
+
+    def _pk_batches(self, slot: int, num_slots: int):
+        P, K = self.P, self.K
+        rng = random.Random(f"{self.seed}/{self.epoch}/pk/{slot}")
+        buffers: dict[int, deque] = defaultdict(deque)
+        ready: set[int] = set()
+        pass_index, idle_passes = 0, 0
+        while True:
+            emitted = False
+            for item in self._shuffled(pass_index, slot, num_slots):
+                label = item[2]
+                buffers[label].append(item)
+                if len(buffers[label]) >= K:
+                    ready.add(label)
+                if len(ready) >= P:
+                    # Fullest buffers first keeps memory bounded; random tie-break.
+                    chosen = sorted(ready, key=lambda c: (-len(buffers[c]), rng.random()))[:P]
+                    items = []
+                    for c in chosen:
+                        items.extend(buffers[c].popleft() for _ in range(K))
+                        if len(buffers[c]) < K:
+                            ready.discard(c)
+                    emitted = True
+                    yield _collate(items)
+            idle_passes = 0 if emitted else idle_passes + 1
+            if idle_passes >= 3:
+                have = sum(1 for b in buffers.values() if len(b) >= K)
+                raise DataError(
+                    f"cannot form P×K={P}×{K} batches: only {have} classes with {K} images reachable "
+                    f"by loader slot {slot}/{num_slots} (lower P or K, or use fewer workers/ranks)"
+                )
+            pass_index += 1
+
+
+def _collate(items: list[tuple[str, torch.Tensor, int]]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    keys = [k for k, _, _ in items]
+    images = torch.stack([im for _, im, _ in items])  # (B, C, H, W) uint8
+    labels = torch.tensor([c for _, _, c in items], dtype=torch.long)  # (B,)
+    return keys, images, labels
+
+
+def _batches(items, batch_size: int, drop_last: bool = False):
+    buf = []
+    for item in items:
+        buf.append(item)
+        if len(buf) == batch_size:
+            yield _collate(buf)
+            buf = []
+    if buf and not drop_last:
+        yield _collate(buf)
+
+
+def make_loader(stream: ShardStream, *, num_workers: int = 2, epoch: int = 0):
+    """A WebLoader over ``stream`` for one epoch.
+
+    In train mode the loader yields exactly ``stream.steps_per_epoch()`` batches on every
+    rank. Batches are already formed in the workers (``batch_size=None``). Never pass this
+    loader to ``accelerator.prepare``: it is split by rank already (see DESIGN.md).
+    """
+    import webdataset as wds
+
+    stream.set_epoch(epoch)
+    loader = wds.WebLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=False,  # workers must see the new epoch
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+    if stream.mode == "train":
+        loader = loader.with_epoch(nbatches=stream.steps_per_epoch())
+    return loader
