@@ -1,0 +1,81 @@
+"""Cross-process triplet mining under DDP, launched by tests/test_losses_distributed.py:
+
+    torchrun --nproc_per_node 2 --master_port PORT tests/dist_scripts/grad_equality.py OUT_DIR
+
+Each rank embeds its half of a fixed global batch with an identical model wrapped in
+DistributedDataParallel (gloo, CPU), backpropagates `distributed_triplet_loss` and writes
+OUT_DIR/rank{R}.pt: per strategy the (DDP-averaged) parameter gradients and the stats. The
+test compares them with one process computing `triplet_loss` on the concatenated batch,
+using `build_model`, `embed` and `global_batch` from this file.
+"""
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # repo root, for `toolkit`
+from toolkit.losses import distributed_triplet_loss, gather_with_grad  # noqa: E402
+
+STRATEGIES = ("semihard", "hard", "all")
+LOCAL_BATCH = 24
+NUM_CLASSES = 6
+MARGIN = 0.2
+
+
+def build_model() -> nn.Module:
+    """Same weights on every call (and every rank); no BatchNorm, so no cross-sample state."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+
+
+def embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(model(x), dim=1)  # (B, 16) unit rows
+
+
+def global_batch(world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W * LOCAL_BATCH, 32) inputs and labels, NUM_CLASSES equal classes, shuffled so every
+    rank's slice mixes classes (and positives of an anchor often live on another rank)."""
+    n = world_size * LOCAL_BATCH
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 32, generator=g)
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(n // NUM_CLASSES)
+    return x, labels[torch.randperm(n, generator=g)]
+
+
+def main(out_dir: Path) -> None:
+    dist.init_process_group("gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    x, labels = global_batch(world_size)
+    mine = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+
+    result = {}
+    for strategy in STRATEGIES:
+        model = DDP(build_model())  # DDP averages gradients across ranks in backward
+        loss, stats = distributed_triplet_loss(
+            embed(model, x[mine]), labels[mine], margin=MARGIN, strategy=strategy
+        )
+        loss.backward()
+        result[strategy] = {
+            "grads": {name: p.grad.clone() for name, p in model.module.named_parameters()},
+            "stats": stats,
+            "loss_for_backward": loss.item(),
+        }
+
+    # Unequal local batches must raise on every rank (not hang in the collective).
+    try:
+        gather_with_grad(torch.zeros(rank + 1, 4))
+        result["unequal_error"] = None
+    except ValueError as err:
+        result["unequal_error"] = str(err)
+
+    torch.save(result, out_dir / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
