@@ -1,0 +1,368 @@
+"""Run tracking: local files always, W&B when asked (offline unless logged in), progress bars.
+
+Every run folder gets the same plain files whatever the backend, so a run can be inspected
+with ``cat`` and compared without W&B:
+
+    run_dir/config.yaml      resolved config (written once, at start)
+    run_dir/metrics.jsonl    one JSON object per ``log`` call: {"step", "time", **metrics}
+    run_dir/summary.json     final numbers (best accuracy, ...)
+    run_dir/wandb/           W&B's own folder (offline-run-* or run-*), only for kind="wandb"
+
+Only the main process may create a real :class:`Tracker` (W&B allows one ``wandb.init`` per
+run); every other rank gets a :class:`NullTracker`, so loops call ``tracker.log`` unguarded.
+``wandb`` is imported lazily: with ``kind="none"`` it is never imported (it is slow to import
+and starts a service process).
+"""
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Literal
+from urllib.parse import urlsplit
+
+from toolkit.checkpoint import atomic_write_json, atomic_write_text
+
+__all__ = [
+    "NullTracker",
+    "Tracker",
+    "make_tracker",
+    "progress",
+    "read_metrics",
+    "wandb_mode",
+]
+
+WandbMode = Literal["online", "offline", "disabled"]
+_DEFAULT_WANDB_HOST = "https://api.wandb.ai"
+
+
+# --------------------------------------------------------------------------- W&B mode
+
+
+def _netrc_has_key(host_url: str) -> bool:
+    """True if the netrc file W&B would read holds a password for ``host_url``'s host.
+
+    Mirrors wandb's own lookup order (``$NETRC``, then ``~/.netrc``, then ``~/_netrc``) without
+    importing wandb or touching the network.
+    """
+    candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else ["~/.netrc", "~/_netrc"]
+    netloc = urlsplit(host_url).netloc or host_url
+    for c in candidates:
+        path = Path(c).expanduser()
+        if not path.is_file():
+            continue
+        try:
+            creds = netrc.netrc(str(path)).authenticators(netloc)
+        except (netrc.NetrcParseError, OSError):
+            return False  # a broken netrc will not log anyone in; go offline rather than crash
+        return bool(creds and creds[2])
+    return False
+
+
+def wandb_mode() -> WandbMode:
+    """The W&B mode to run in: an explicit ``WANDB_MODE`` wins; else online only if logged in.
+
+    "Logged in" means ``WANDB_API_KEY`` is set or the netrc file has a key for the W&B host
+    (``WANDB_BASE_URL`` or api.wandb.ai). Anyone else gets offline runs they can
+    ``wandb sync`` later, instead of an interactive login prompt that hangs a batch job.
+    """
+    explicit = os.environ.get("WANDB_MODE", "").strip().lower()
+    if explicit:
+        # wandb also accepts the legacy spellings; normalise them to the three we report.
+        aliases = {"dryrun": "offline", "run": "online", "disabled": "disabled", "online": "online", "offline": "offline"}
+        if explicit not in aliases:  # includes wandb's "shared", which this toolkit does not use
+            raise ValueError(f"WANDB_MODE={explicit!r}: expected online, offline or disabled")
+        return aliases[explicit]  # type: ignore[return-value]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    host = os.environ.get("WANDB_BASE_URL", _DEFAULT_WANDB_HOST)
+    return "online" if _netrc_has_key(host) else "offline"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _plain(x: Any) -> Any:
+    """Config/metric values as YAML/JSON-safe builtins (Paths → str, tuples → lists, 0-d tensors → numbers)."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, set, frozenset)):
+        return [_plain(v) for v in x]
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    if hasattr(x, "item") and callable(x.item):  # torch / numpy scalars
+        try:
+            return x.item()
+        except (ValueError, RuntimeError):
+            pass  # multi-element tensor: fall through to str
+    if hasattr(x, "__dataclass_fields__"):
+        import dataclasses
+
+        return _plain(dataclasses.asdict(x))
+    return str(x)
+
+
+def _json_number(x: Any) -> Any:
+    # JSON has no NaN/inf; json.dumps would write bare NaN (invalid JSON for other readers).
+    v = _plain(x)
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # "nan", "inf", "-inf"
+    return v
+
+
+# --------------------------------------------------------------------------- trackers
+
+
+class NullTracker:
+    """Same interface as :class:`Tracker`, does nothing: what non-main ranks get."""
+
+    run_dir: Path | None = None
+    enabled = False
+
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def summary(self, values: dict) -> None:
+        pass
+
+    def log_artifact(self, path, *, name: str, type: str, metadata: dict | None = None) -> None:
+        pass
+
+    def log_image(self, key: str, png_path, step: int | None = None) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.finish()
+
+
+class Tracker(NullTracker):
+    """Local files plus, for ``kind="wandb"``, a W&B run. Create through :func:`make_tracker`."""
+
+    enabled = True
+
+    def __init__(
+        self,
+        *,
+        kind: Literal["wandb", "none"],
+        run_dir: str | os.PathLike,
+        config: dict,
+        project: str,
+        name: str | None = None,
+        group: str | None = None,
+        tags: Iterable[str] | None = None,
+        job_type: str | None = None,
+    ):
+        if kind not in ("wandb", "none"):
+            raise ValueError(f"tracker kind must be 'wandb' or 'none', got {kind!r}")
+        import yaml
+
+        self.kind = kind
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config = _plain(config)  # dicts and dataclasses alike
+        if not isinstance(self.config, dict):
+            raise TypeError(f"config must be a dict or dataclass, got {type(config).__name__}")
+        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
+        # Append, not truncate: a resumed run continues the same metrics file.
+        self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self._summary: dict = {}
+        self._last_step: int | None = None
+        self._run = None
+        self.mode: WandbMode | None = None
+        if kind == "wandb":
+            self.mode = wandb_mode()
+            self._run = self._init_wandb(project=project, name=name, group=group, tags=tags, job_type=job_type)
+
+    def _init_wandb(self, *, project, name, group, tags, job_type):
+        try:
+            import wandb
+        except ImportError as e:  # optional at runtime: say what to install
+            raise ImportError("tracker kind 'wandb' needs the wandb package: pip install wandb") from e
+        settings = wandb.Settings(
+            console="off",  # don't capture stdout/stderr into the run; our logs stay ours
+            silent=True,  # no banners / sync hints interleaved with progress bars
+            reinit="create_new",  # a second Tracker in one process gets its own run, not the old one
+        )
+        return wandb.init(
+            project=project,
+            name=name,
+            group=group,
+            tags=list(tags) if tags else None,
+            job_type=job_type,
+            dir=str(self.run_dir),  # W&B writes run_dir/wandb/{offline-,}run-*
+            mode=self.mode,
+            config=self.config,
+            settings=settings,
+        )
+
+    @property
+    def wandb_run(self):
+        """The underlying ``wandb.Run`` (``None`` for kind "none")."""
+        return self._run
+
+    def log(self, metrics: dict, step: int) -> None:
+        """Append ``{"step", "time", **metrics}`` to metrics.jsonl and send ``metrics`` to W&B."""
+        step = int(step)
+        record = {"step": step, "time": time.time(), **{str(k): _json_number(v) for k, v in metrics.items()}}
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()  # so `tail -f` and a crashed run still show every logged step
+        self._last_step = step
+        if self._run is not None:
+            self._run.log({k: _plain(v) for k, v in metrics.items()}, step=step)
+
+    def summary(self, values: dict) -> None:
+        """Merge ``values`` into the run summary (W&B) and rewrite summary.json."""
+        values = {str(k): _plain(v) for k, v in values.items()}
+        self._summary.update(values)
+        atomic_write_json(self.run_dir / "summary.json", {k: _json_number(v) for k, v in self._summary.items()})
+        if self._run is not None:
+            self._run.summary.update(values)
+
+    def log_artifact(self, path, *, name: str, type: str, metadata: dict | None = None) -> None:
+        """Version a file or folder as a W&B artifact (offline runs upload it on ``wandb sync``)."""
+        if self._run is None:
+            return
+        import wandb
+
+        path = Path(path)
+        art = wandb.Artifact(name=name, type=type, metadata=_plain(metadata) if metadata else None)
+        if path.is_dir():
+            art.add_dir(str(path))
+        else:
+            art.add_file(str(path))
+        self._run.log_artifact(art)
+
+    def log_image(self, key: str, png_path, step: int | None = None) -> None:
+        """Attach an image to ``step`` (default: the last logged step) in W&B."""
+        if self._run is None:
+            return
+        import wandb
+
+        step = self._last_step if step is None else int(step)
+        # Without a step W&B would advance its own counter and later log(step=...) calls
+        # with smaller steps would be dropped; pinning it keeps steps monotonic.
+        kwargs = {} if step is None else {"step": step}
+        self._run.log({key: wandb.Image(str(png_path))}, **kwargs)
+
+    def finish(self, exit_code: int | None = None) -> None:
+        """Close metrics.jsonl and finish the W&B run; safe to call twice."""
+        if not self._metrics.closed:
+            self._metrics.close()
+        if self._run is not None:
+            run, self._run = self._run, None
+            run.finish(exit_code=exit_code)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # Mark the W&B run failed when the block raised, so crashed runs are visible in the UI.
+        self.finish(exit_code=1 if exc_type is not None else None)
+
+
+def make_tracker(
+    *,
+    enabled: bool,
+    kind: Literal["wandb", "none"],
+    run_dir: str | os.PathLike,
+    config: dict,
+    project: str,
+    name: str | None = None,
+    group: str | None = None,
+    tags: Iterable[str] | None = None,
+    job_type: str | None = None,
+) -> Tracker | NullTracker:
+    """A real :class:`Tracker` when ``enabled`` (pass ``accelerator.is_main_process``), else a :class:`NullTracker`."""
+    if not enabled:
+        return NullTracker()
+    return Tracker(
+        kind=kind, run_dir=run_dir, config=config, project=project, name=name, group=group, tags=tags, job_type=job_type
+    )
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """Parse ``run_dir/metrics.jsonl``; a torn last line (run killed mid-write) is skipped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break  # only the final line may be partial; anything earlier is real corruption
+            raise ValueError(f"{path}:{i + 1}: not valid JSON: {line[:80]!r}") from None
+    return rows
+
+
+# --------------------------------------------------------------------------- progress bars
+
+
+class _NoBar:
+    """Stands in for a tqdm bar when bars are off: iterates and swallows updates."""
+
+    def __init__(self, iterable=None, total=None):
+        self.iterable = iterable
+        self.total = total
+        self.n = 0
+
+    def __iter__(self):
+        if self.iterable is None:
+            return iter(())
+        return iter(self.iterable)
+
+    def __len__(self):
+        if self.total is not None:
+            return self.total
+        return len(self.iterable)  # type: ignore[arg-type]
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+    def set_description(self, *args, **kwargs) -> None:
+        pass
+
+    def write(self, s: str, *args, **kwargs) -> None:
+        print(s, file=sys.stderr)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress(iterable=None, *, total: int | None = None, desc: str | None = None, enabled: bool | None = True, **kw):
+    """A tqdm bar, or a silent stand-in with the same ``update``/``set_postfix``/``close``.
+
+    ``enabled=True`` forces a bar, ``False`` (e.g. non-main ranks) disables it, ``None`` means
+    "only when stderr is a terminal", so batch-job logs aren't filled with carriage returns.
+    """
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return _NoBar(iterable, total)
+    from tqdm.auto import tqdm
+
+    kw.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, total=total, desc=desc, **kw)
