@@ -141,17 +141,35 @@ def _check_flags(argv: list[str]) -> None:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return  # the command validates its own options (e.g. bench)
     known = set(params)
-    for tok in argv[1:]:
+    positional = [k for k, p in params.items() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    options = ", ".join("--" + k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+    def takes_value(name: str) -> bool:
+        return not isinstance(params[name].default, bool)
+
+    n_positional, i, rest = 0, 0, argv[1:]
+    while i < len(rest):
+        tok = rest[i]
         if tok in ("--", "-h", "--help"):
-            return
-        if tok.startswith("--"):
-            name = tok[2:].split("=", 1)[0].replace("-", "_")
-            base = name[2:] if name.startswith("no") and name[2:] in known else name
-            if base not in known:
-                raise ConfigError(
-                    f"toolkit {argv[0]}: unknown option --{name.replace('_', '-')} "
-                    f"(known: {', '.join('--' + k for k in params if params[k].kind is inspect.Parameter.KEYWORD_ONLY)})"
-                )
+            return  # fire shows help / separates its own flags
+        if tok.startswith("-"):
+            body = tok.lstrip("-").split("=", 1)[0].replace("-", "_")
+            if tok.startswith("--"):
+                name = body[2:] if body.startswith("no") and body[2:] in known else body
+            else:  # fire's short flag: the unique parameter starting with that letter
+                matches = [k for k in params if k.startswith(body)] if len(body) == 1 else []
+                name = matches[0] if len(matches) == 1 else None
+            if name not in known:
+                raise ConfigError(f"toolkit {argv[0]}: unknown option {tok.split('=', 1)[0]} (known: {options})")
+            if name in positional:
+                n_positional += 1
+            if "=" not in tok and takes_value(name) and not body.startswith("no"):
+                i += 1  # `--flag value`
+        else:
+            n_positional += 1
+            if n_positional > len(positional):
+                raise ConfigError(f"toolkit {argv[0]}: unexpected argument {tok!r} (takes {len(positional)}: {' '.join(p.upper() for p in positional)})")
+        i += 1
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -57,9 +57,10 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if typ is int:
             if isinstance(value, bool):
                 raise ValueError
-            if isinstance(value, float) and not value.is_integer():
+            f = float(value)  # accepts "1e3"; refuses "2.5" and "1e-3" instead of truncating
+            if not f.is_integer():
                 raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            return int(f)
         if typ is float:
             if isinstance(value, bool):
                 raise ValueError
@@ -145,3 +146,84 @@ def to_dict(cfg) -> dict[str, Any]:
 def require(cond: bool, message: str) -> None:
     if not cond:
         raise ConfigError(message)
+
+
+# --------------------------------------------------------------------------- run configs
+from dataclasses import dataclass  # noqa: E402
+from typing import Literal, Optional  # noqa: E402
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+@dataclass
+class EmbedConfig:
+    """Everything an embedding run needs. Each key can be overridden: ``lr=3e-4`` or ``--lr=3e-4``."""
+
+    # data: shard folder written by `toolkit shard`
+    shards: str = "shards/digits"
+    input_size: int = 32  # model input side; shards hold small images, resized on the device
+    batch_size: int = 256  # per process; with P×K batching the batch is P×K <= batch_size
+    P: int = 0  # classes per batch; 0 = as many as fit (min(classes, batch_size // K))
+    K: int = 4  # images per class in a batch (>= 2: a positive pair)
+    batching: Literal["pk", "random"] = "pk"  # "random" = the seed's shuffled batches
+    shuffle_buffer: int = 1000
+    num_workers: int = 2
+    augment: bool = False  # random rotation ±10°, shift ±10 %, scale 0.9-1.1, done on the device
+    # model
+    arch: Literal["zfnet", "resnet18", "resnet34"] = "zfnet"
+    embedding_dim: int = 128
+    sync_bn: bool = False
+    channels_last: bool = False
+    # loss
+    margin: float = 0.2
+    mining: Literal["semihard", "hard", "all"] = "semihard"
+    squared: bool = False
+    # optimiser (Adam) and schedule
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    grad_clip: float = 0.0  # max grad norm; 0 = off
+    # budget: whichever comes first (0 = unlimited)
+    epochs: int = 10
+    max_steps: int = 0
+    max_minutes: float = 0.0
+    # validation (rank 0, kNN on the embeddings)
+    val_every: int = 1  # epochs
+    knn_k: int = 13
+    eval_batch_size: int = 512
+    # checkpoints
+    ckpt_every: int = 0  # steps; 0 = at every validation
+    keep_last: int = 3
+    resume: bool = False
+    overwrite: bool = False  # reuse a run_dir that already holds checkpoints
+    # run
+    run_dir: str = "runs/embed"
+    precision: Precision = "auto"
+    seed: int = 0
+    tracker: Literal["wandb", "none"] = "wandb"
+    project: str = "metric-toolkit"
+    name: Optional[str] = None
+    log_every: int = 10
+    collective_timeout_s: float = 600.0
+    progress: bool = True
+
+    def validate(self) -> None:
+        require(self.input_size >= 8, f"input_size must be >= 8, got {self.input_size}")
+        require(self.batch_size >= 2, f"batch_size must be >= 2, got {self.batch_size}")
+        require(self.K >= 2, f"K must be >= 2 (each class needs a positive pair), got {self.K}")
+        require(self.P >= 0, f"P must be >= 0 (0 = as many classes as fit), got {self.P}")
+        require(self.P * self.K <= self.batch_size, f"P×K = {self.P}×{self.K} = {self.P * self.K} is larger than batch_size={self.batch_size}")
+        require(self.embedding_dim >= 2, f"embedding_dim must be >= 2, got {self.embedding_dim}")
+        require(self.margin > 0, f"margin must be > 0, got {self.margin}")
+        require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        require(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
+        require(min(self.epochs, self.max_steps, self.warmup_steps, self.num_workers) >= 0, "epochs, max_steps, warmup_steps and num_workers must be >= 0")
+        require(self.epochs > 0 or self.max_steps > 0 or self.max_minutes > 0, "no budget: set epochs, max_steps or max_minutes")
+        require(self.max_minutes >= 0, f"max_minutes must be >= 0, got {self.max_minutes}")
+        require(self.val_every >= 1, f"val_every must be >= 1, got {self.val_every}")
+        require(self.knn_k >= 1, f"knn_k must be >= 1, got {self.knn_k}")
+        require(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
+        require(self.ckpt_every >= 0 and self.log_every >= 1, "ckpt_every must be >= 0 and log_every >= 1")
+        require(self.collective_timeout_s > 0, "collective_timeout_s must be > 0")

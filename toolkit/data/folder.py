@@ -31,22 +31,28 @@ def list_image_folder(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
         raise DataError(f"{root}: no class sub-folders (expected {root}/<class>/<image files>)")
-    rows, ignored = [], []
-    for idx, name in enumerate(classes):
+    per_class: dict[str, list[str]] = {}
+    ignored: list[str] = []
+    for name in folders:
         for f in sorted((root / name).rglob("*")):
             if not f.is_file() or any(part.startswith(".") for part in f.relative_to(root).parts):
                 continue
             rel = f.relative_to(root).as_posix()
             if f.suffix.lower() in IMAGE_EXTENSIONS:
-                rows.append((rel, name, idx))
+                per_class.setdefault(name, []).append(rel)
             else:
                 ignored.append(rel)
+    # Class indices count only folders that hold images, so index i always names classes[i].
+    empty = [name for name in folders if name not in per_class]
+    if empty:
+        warnings.warn(f"{len(empty)} class folder(s) without images are not classes: {', '.join(empty[:10])}", stacklevel=2)
+    rows = [(rel, name, idx) for idx, name in enumerate(sorted(per_class)) for rel in per_class[name]]
     df = pd.DataFrame(rows, columns=["path", "label", "index"])
     if df.empty:
-        raise DataError(f"{root}: no image files found in {len(classes)} class folders")
+        raise DataError(f"{root}: no image files found in {len(folders)} class folders")
     return df, ignored
 
 

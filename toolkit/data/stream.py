@@ -21,7 +21,7 @@ P×K batches: per-class buffers fill from the shuffled stream; as soon as P clas
 images, a batch of exactly P classes × K images is emitted (the P classes with the fullest
 buffers, random tie-break). Buffers survive from one pass to the next, so a class with
 fewer than K images in a slot's share is completed on the next pass (its images can then
-repeat inside a batch). If no batch can be formed for three whole passes (fewer than P
+repeat inside a batch). If no batch can be formed for 3 × (number of shards) passes (fewer than P
 classes with K images reachable), the loader raises a clear error instead of spinning.
 """
 from __future__ import annotations
@@ -220,7 +220,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                     emitted = True
                     yield _collate(items)
             idle_passes = 0 if emitted else idle_passes + 1
-            if idle_passes >= 3:
+            # Shard order is reshuffled every pass, so a slot dealt only tiny shards for a few
+            # passes gets bigger ones later: give up only after ~3 passes per shard.
+            if idle_passes >= 3 * len(self.urls):
                 have = sum(1 for b in buffers.values() if len(b) >= K)
                 raise DataError(
                     f"cannot form P×K={P}×{K} batches: only {have} classes with {K} images reachable "
