@@ -28,6 +28,31 @@ def to_model_input(images: torch.Tensor, *, input_size: int, channels_last: bool
     return x
 
 
+def random_affine(
+    x: torch.Tensor,
+    *,
+    degrees: float = 10.0,
+    translate: float = 0.1,
+    scale: tuple[float, float] = (0.9, 1.1),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Random rotation/translation/scale per image, on the device (one grid_sample call).
+
+    ``x``: normalised float (B, C, H, W). Borders are filled with the background value -1
+    (black after Normalize(0.5, 0.5)), which suits dark-background character images.
+    """
+    b = x.shape[0]
+    opts = {"device": x.device, "dtype": x.dtype}
+    u = torch.rand(b, 4, generator=generator, device="cpu").to(**opts)  # (B, 4) in [0, 1)
+    angle = (u[:, 0] * 2 - 1) * degrees * torch.pi / 180
+    s = scale[0] + u[:, 1] * (scale[1] - scale[0])
+    tx, ty = (u[:, 2] * 2 - 1) * translate * 2, (u[:, 3] * 2 - 1) * translate * 2  # grid units span 2
+    cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
+
+
 def seed_transform(size: int = 220):
     """The seed's torchvision transform, for PIL images (baselines, reference checks)."""
     from torchvision import transforms as T

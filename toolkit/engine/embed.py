@@ -1,0 +1,237 @@
+"""The embedding training loop. Receives an Accelerator; never creates one.
+
+One step, on every rank::
+
+    uint8 (B, C, h, w) --to_model_input--> (B, C, S, S) --model--> (B, 128) unit vectors
+      --gather all ranks--> (W·B, 128) --semi-hard mining--> loss (×W, see losses.py)
+
+Rank 0 alone validates (kNN), saves the best embedder and logs; the others wait for it.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from toolkit.checkpoint import CheckpointManager, atomic_torch_save, capture_rng, restore_rng
+from toolkit.config import ConfigError, EmbedConfig
+from toolkit.data.shards import read_info
+from toolkit.data.stream import ShardStream, make_loader
+from toolkit.data.transforms import random_affine, to_model_input
+from toolkit.engine.validate import embed_split, evaluate_embeddings, gather_to_main
+from toolkit.losses import distributed_triplet_loss
+from toolkit.models import build_embedder
+from toolkit.tracking import progress
+
+
+def resolve_precision(precision: str, *, cpu: bool) -> str:
+    """Map the config's precision to Accelerate's ``mixed_precision``.
+
+    ``auto``: bf16 on GPUs that support it, fp16 (with a grad scaler) on older GPUs, and fp32
+    on CPU -- CPU bf16 autocast was measured 5-8× *slower* on CPUs without bf16 units.
+    """
+    if precision == "auto":
+        if cpu or not torch.cuda.is_available():
+            return "no"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+def build_scheduler(optimizer, *, schedule: str, warmup_steps: int, total_steps: int):
+    """Linear warm-up, then constant or cosine decay to 0 over ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "cosine" and total_steps > warmup_steps:
+            t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+            return 0.5 * (1.0 + math.cos(math.pi * t))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _agree(flag: bool, device) -> bool:
+    """True on every rank if ``flag`` is True on any rank (one tiny all-reduce)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def embedder_payload(model, cfg: EmbedConfig, classes, metrics: dict, step: int, index=None) -> dict:
+    """What a saved embedder holds: enough to evaluate and predict without the run."""
+    payload = {
+        "kind": "embedder",
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "config": asdict(cfg),
+        "classes": list(classes),
+        "metrics": dict(metrics),
+        "step": int(step),
+    }
+    if index is not None:  # train embeddings + labels: kNN prediction without re-embedding
+        payload["index"] = {"embeddings": index[0].half(), "labels": index[1].to(torch.int32)}
+    return payload
+
+
+def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
+    """Train an embedder per ``cfg``. Returns the final summary (best kNN accuracy, steps...)."""
+    device = accelerator.device
+    rank, world = accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    run_dir = Path(cfg.run_dir)
+    info = read_info(cfg.shards)
+    classes = info["classes"]
+    in_channels = 1 if info["preprocess"].get("grayscale", True) else 3
+
+    # --- data --------------------------------------------------------------------------
+    stream = ShardStream(
+        cfg.shards, split="train", mode="train", rank=rank, world_size=world, batch_size=cfg.batch_size,
+        P=cfg.P, K=cfg.K, batching=cfg.batching, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
+    )
+    steps_per_epoch = stream.steps_per_epoch()
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    if cfg.epochs and cfg.max_steps:
+        total_steps = min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+
+    # --- model, optimiser ----------------------------------------------------------------
+    model = build_embedder(arch=cfg.arch, in_channels=in_channels, input_size=cfg.input_size, embedding_dim=cfg.embedding_dim)
+    if cfg.sync_bn and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, total_steps=total_steps)
+    # The loader is NOT prepared: it is split by rank already (DESIGN.md).
+    model, optimizer = accelerator.prepare(model, optimizer)
+    bare = accelerator.unwrap_model(model)
+
+    # --- resume --------------------------------------------------------------------------
+    ckpts = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.keep_last)
+    step, epoch, epoch_step, best = 0, 0, 0, -1.0
+    state = ckpts.load_latest() if cfg.resume else None
+    if state is not None:
+        bare.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if accelerator.scaler is not None and state.get("scaler"):
+            accelerator.scaler.load_state_dict(state["scaler"])
+        step, epoch, epoch_step, best = state["step"], state["epoch"], state["epoch_step"], state["best"]
+        restore_rng(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        accelerator.print(f"resumed from step {step} (epoch {epoch}, batch {epoch_step}) in {run_dir}")
+    elif cfg.resume:
+        accelerator.print(f"--resume: no checkpoint in {run_dir / 'checkpoints'}, starting fresh")
+    elif main and ckpts.latest() is not None and not cfg.overwrite:
+        raise ConfigError(f"{run_dir} already holds checkpoints: pass resume=true to continue or overwrite=true to start over")
+
+    def save_state() -> None:
+        rngs = [None] * world
+        if world > 1:
+            dist.all_gather_object(rngs, capture_rng())
+        else:
+            rngs = [capture_rng()]
+        if main:
+            ckpts.save(
+                {
+                    "model": bare.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                    "rng": rngs, "step": step, "epoch": epoch, "epoch_step": epoch_step, "best": best,
+                    "config": asdict(cfg),
+                },
+                step,
+            )
+        accelerator.wait_for_everyone()
+
+    def validate() -> dict:
+        nonlocal best
+        parts = {}
+        for split in ("train", "val"):
+            local = embed_split(
+                bare, shards=cfg.shards, split=split, rank=rank, world_size=world, device=device,
+                input_size=cfg.input_size, batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers,
+                autocast=accelerator.autocast, channels_last=cfg.channels_last,
+            )
+            parts[split] = gather_to_main(*local)
+        metrics = {}
+        if main:
+            metrics = {f"val/{k}": v for k, v in evaluate_embeddings(parts["train"], parts["val"], k=cfg.knn_k).items()}
+            metrics["epoch"] = epoch
+            improved = metrics["val/knn_accuracy"] > best
+            if improved:
+                best = metrics["val/knn_accuracy"]
+                index = (parts["train"][1], parts["train"][2])
+                atomic_torch_save(embedder_payload(bare, cfg, classes, metrics, step, index), run_dir / "best_embedder.pt")
+            metrics["val/best_knn_accuracy"] = best
+            tracker.log(metrics, step=step)
+            accelerator.print(
+                f"step {step} epoch {epoch}: kNN@{cfg.knn_k} val acc {metrics['val/knn_accuracy']:.4f} "
+                f"(best {best:.4f}{', saved' if improved else ''}), P@1 {metrics['val/precision_at_1']:.4f}, "
+                f"MAP@R {metrics['val/map_at_r']:.4f}"
+            )
+        accelerator.wait_for_everyone()
+        return metrics
+
+    # --- train ---------------------------------------------------------------------------
+    start, deadline = time.time(), (time.time() + 60 * cfg.max_minutes if cfg.max_minutes else None)
+    bar = progress(total=total_steps, initial=step, desc="embed", enabled=main and cfg.progress, unit="step")
+    images_seen, t_log = 0, time.time()
+    stop = step >= total_steps
+    model.train()
+    while not stop:
+        loader = make_loader(stream, num_workers=cfg.num_workers, epoch=epoch)
+        for i, (_, images, labels) in enumerate(loader):
+            if i < epoch_step:
+                continue  # resuming mid-epoch: replay the data order up to the saved batch
+            x = to_model_input(images.to(device, non_blocking=True), input_size=cfg.input_size, channels_last=cfg.channels_last)
+            if cfg.augment:
+                x = random_affine(x)
+            labels = labels.to(device, non_blocking=True)
+            with accelerator.autocast():
+                emb = model(x)  # (B, D) unit vectors
+            loss, stats = distributed_triplet_loss(emb.float(), labels, margin=cfg.margin, strategy=cfg.mining, squared=cfg.squared)
+            accelerator.backward(loss)
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step, epoch_step = step + 1, epoch_step + 1
+            images_seen += x.shape[0] * world
+            bar.update(1)
+            if step % cfg.log_every == 0:
+                dt = max(1e-9, time.time() - t_log)
+                logs = {
+                    "train/loss": float(stats["loss"]), "train/active_fraction": float(stats["active_fraction"]),
+                    "train/lr": scheduler.get_last_lr()[0], "train/images_per_s": images_seen / dt, "epoch": epoch,
+                }
+                tracker.log(logs, step=step)
+                bar.set_postfix(loss=f"{logs['train/loss']:.4f}", active=f"{logs['train/active_fraction']:.2f}")
+                images_seen, t_log = 0, time.time()
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0:
+                save_state()
+            out_of_time = deadline is not None and _agree(time.time() > deadline, device)
+            if step >= total_steps or out_of_time:
+                stop = True
+                break
+        if epoch_step >= steps_per_epoch:  # a full epoch finished
+            epoch, epoch_step = epoch + 1, 0
+            if epoch % cfg.val_every == 0 or stop:
+                validate()
+                if not cfg.ckpt_every:
+                    save_state()
+        if cfg.epochs and epoch >= cfg.epochs:
+            stop = True
+    bar.close()
+    if epoch_step:  # stopped mid-epoch (step or time budget): validate what we have
+        validate()
+    save_state()
+    summary = {"best_knn_accuracy": best, "steps": step, "epochs": epoch, "minutes": (time.time() - start) / 60}
+    if main:
+        tracker.summary(summary)
+    return summary
