@@ -83,38 +83,57 @@ def _print_shard_summary(info: dict, out: str | Path, seconds: float) -> None:
         print(f"ignored {info['ignored_non_images']} non-image files (listed in {Path(out) / 'ignored.csv'})")
 
 
-def demo(*, out: str = "shards/digits", runs: str = "runs", overwrite: bool = False, workers: int = 2):
+def _repo_file(*parts: str) -> Path:
+    """A file of the checkout (launch/, configs/): the package is installed editable (README)."""
+    path = Path(__file__).resolve().parents[1].joinpath(*parts)
+    if not path.exists():
+        raise DataError(f"{path} not found: run from a checkout installed with `pip install -e .`")
+    return path
+
+
+def run_launch_script(name: str, argv: list[str]) -> int:
+    """Run ``launch/NAME.py`` in this process (single process, same as ``accelerate launch`` on one device)."""
+    import runpy
+
+    module = runpy.run_path(str(_repo_file("launch", f"{name}.py")), run_name=f"toolkit_launch_{name}")
+    return module["main"](argv)
+
+
+def demo(*, shards: str = "shards/digits", runs: str = "runs", overwrite: bool = False, tracker: str = "wandb"):
     """Run the whole job on scikit-learn's handwritten digits (1,797 real 8x8 images, no download).
 
     Writes the digits as an image folder in the cache (~/.cache/toolkit/digits or
-    $TOOLKIT_CACHE), shards it into OUT, and streams one training epoch of P×K batches.
+    $TOOLKIT_CACHE), shards it into SHARDS (32x32 grey, 15 % stratified validation) and
+    trains the ZFNet embedder on this machine with configs/embed/digits.yaml, printing kNN
+    validation accuracy as it goes. W&B logs offline unless you are logged in.
 
     Args:
-        out: shard folder to write (re-used if it exists, unless --overwrite).
-        runs: folder for run outputs.
-        overwrite: rebuild the shards even if OUT exists.
-        workers: data-loader worker processes.
+        shards: shard folder to write (re-used if complete, unless --overwrite).
+        runs: parent folder of the run folders (runs/digits-embed, ...).
+        overwrite: rebuild the shards and start the runs afresh.
+        tracker: wandb (offline unless logged in) or none.
     """
     from toolkit.data.datasets import default_data_dir, write_digits_folder
     from toolkit.data.shards import INFO_NAME, write_shards
-    from toolkit.data.stream import ShardStream, make_loader
 
     t0 = time.time()
     folder = write_digits_folder(default_data_dir())
-    print(f"digits image folder: {folder}")
-    if overwrite or not (Path(out) / INFO_NAME).is_file():
-        info = write_shards(folder, out, image_size=32, overwrite=overwrite or Path(out).exists())
-        _print_shard_summary(info, out, time.time() - t0)
+    print(f"[1/2] digits image folder: {folder}")
+    if overwrite or not (Path(shards) / INFO_NAME).is_file():
+        info = write_shards(folder, shards, image_size=32, overwrite=True)
+        _print_shard_summary(info, shards, time.time() - t0)
     else:
-        print(f"re-using shards in {out} (pass --overwrite to rebuild)")
-    stream = ShardStream(out, split="train", mode="train", batch_size=100, K=10)
-    n = images = 0
-    t1 = time.time()
-    for _, x, _ in make_loader(stream, num_workers=workers):
-        n += 1
-        images += x.shape[0]
-    dt = time.time() - t1
-    print(f"streamed one epoch: {n} P×K batches ({stream.P}×{stream.K}), {images} images, {images / dt:.0f} images/s")
+        print(f"re-using shards in {shards} (pass --overwrite to rebuild)")
+    embed_dir = Path(runs) / "digits-embed"
+    print(f"[2/2] training the embedder -> {embed_dir}")
+    rc = run_launch_script(
+        "embed",
+        ["--config", str(_repo_file("configs", "embed", "digits.yaml")), f"shards={shards}",
+         f"run_dir={embed_dir}", f"tracker={tracker}", "overwrite=true"],
+    )
+    if rc:
+        sys.exit(rc)
+    print(f"demo finished in {(time.time() - t0) / 60:.1f} min")
 
 
 def bench(what: str = "loader", **options):

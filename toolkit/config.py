@@ -227,3 +227,43 @@ class EmbedConfig:
         require(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
         require(self.ckpt_every >= 0 and self.log_every >= 1, "ckpt_every must be >= 0 and log_every >= 1")
         require(self.collective_timeout_s > 0, "collective_timeout_s must be > 0")
+
+
+@dataclass
+class ClassifyConfig:
+    """Second stage: a classifier head on the frozen embedder (the seed's comparison with kNN)."""
+
+    embedder: str = "runs/digits-embed/best_embedder.pt"  # a best_embedder.pt or the run folder holding it
+    shards: Optional[str] = None  # default: the shards the embedder was trained on
+    batch_size: int = 256  # per process, plain shuffled batches
+    shuffle_buffer: int = 1000
+    num_workers: int = 2
+    hidden: int = 64
+    dropout: float = 0.5
+    lr: float = 0.01  # Adam, as the seed
+    weight_decay: float = 0.0
+    epochs: int = 10
+    max_steps: int = 0
+    knn_k: int = 13
+    eval_batch_size: int = 512
+    run_dir: str = "runs/classify"
+    overwrite: bool = False
+    precision: Precision = "auto"
+    seed: int = 0
+    tracker: Literal["wandb", "none"] = "wandb"
+    project: str = "metric-toolkit"
+    name: Optional[str] = None
+    log_every: int = 10
+    collective_timeout_s: float = 600.0
+    progress: bool = True
+
+    def validate(self) -> None:
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(self.hidden >= 1, f"hidden must be >= 1, got {self.hidden}")
+        require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        require(self.epochs > 0 or self.max_steps > 0, "no budget: set epochs or max_steps")
+        require(min(self.epochs, self.max_steps, self.num_workers) >= 0, "epochs, max_steps and num_workers must be >= 0")
+        require(self.knn_k >= 1 and self.log_every >= 1, "knn_k and log_every must be >= 1")
+        require(self.collective_timeout_s > 0, "collective_timeout_s must be > 0")
