@@ -33,6 +33,9 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
+        # A W&B agent trial: one run folder per trial (same on every rank: env is shared).
+        cfg.run_dir = str(Path(cfg.run_dir) / f"sweep-{os.environ['WANDB_SWEEP_ID']}" / os.environ["WANDB_RUN_ID"])
 
     # 2. Accelerator: the only place one is created. CPU when there is no GPU (or when
     #    `accelerate launch` was told --cpu / ACCELERATE_USE_CPU=1).

@@ -148,7 +148,52 @@ def bench(what: str = "loader", **options):
     return run_bench(what, **options)
 
 
-COMMANDS = {"shard": shard, "demo": demo, "bench": bench}
+def sweep(
+    file: str,
+    *,
+    count: int = 10,
+    project: str = "metric-toolkit",
+    entity: str = "",
+    dry_run: bool = False,
+    local: int = 0,
+    seed: int = 0,
+):
+    """Create a W&B sweep from FILE (configs/sweeps/*.yaml) and run trials with the W&B agent.
+
+    Each trial is the sweep's command, e.g. `accelerate launch launch/embed.py --config ...
+    --lr=0.003 --margin=0.2 ...`: the same entry point as any run, on as many processes as the
+    accelerate config says. Sweeps need a W&B server (run `wandb login`); offline, use
+    --dry_run to print the commands or --local N to run N random-search trials here.
+
+    Args:
+        file: sweep file in W&B's format; checked first (metric logged by the validator, parameters are config keys).
+        count: trials this agent runs.
+        project: W&B project.
+        entity: W&B entity (user or team); empty = your default.
+        dry_run: print a sampled trial's parameters and the exact command the agent would run, then stop.
+        local: run this many trials offline with parameters sampled here (random search), no W&B server needed.
+        seed: seed of the local sampling.
+    """
+    from toolkit.sweep import create_and_run, expand_command, load_sweep, run_local, sample_parameters
+
+    spec = load_sweep(file)
+    if dry_run:
+        params = sample_parameters(spec, seed=seed)
+        print("parameters:", params)
+        print("command:", " ".join(expand_command(spec, params)))
+        return
+    if local:
+        results = run_local(spec, trials=local, seed=seed)
+        failed = [r for r in results if r["returncode"]]
+        print(f"{len(results) - len(failed)}/{len(results)} trials finished; runs in runs/sweep-local/")
+        if failed:
+            sys.exit(1)
+        return
+    sweep_id = create_and_run(spec, count=count, project=project, entity=entity or None)
+    print(f"sweep {sweep_id} done ({count} trials)")
+
+
+COMMANDS = {"shard": shard, "demo": demo, "sweep": sweep, "bench": bench}
 
 
 def _check_flags(argv: list[str]) -> None:

@@ -365,4 +365,6 @@ def progress(iterable=None, *, total: int | None = None, desc: str | None = None
     from tqdm.auto import tqdm
 
     kw.setdefault("dynamic_ncols", True)
+    if not sys.stderr.isatty():
+        kw.setdefault("mininterval", 30.0)  # log files: one line every 30 s, not a wall of \r updates
     return tqdm(iterable, total=total, desc=desc, **kw)

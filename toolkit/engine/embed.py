@@ -101,6 +101,8 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
 
     # --- model, optimiser ----------------------------------------------------------------
     model = build_embedder(arch=cfg.arch, in_channels=in_channels, input_size=cfg.input_size, embedding_dim=cfg.embedding_dim)
+    if cfg.sync_bn and device.type == "cpu":
+        raise ConfigError("sync_bn=true needs GPUs: torch's SyncBatchNorm does not run on CPU")
     if cfg.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
