@@ -205,7 +205,8 @@ class EmbedConfig:
     project: str = "metric-toolkit"
     name: Optional[str] = None
     log_every: int = 10
-    collective_timeout_s: float = 600.0
+    collective_timeout_s: float = 600.0  # a rank waiting longer than this on the others fails
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # NaN/inf loss: stop the run, or skip that step
     progress: bool = True
 
     def validate(self) -> None:

@@ -28,6 +28,10 @@ from toolkit.models import build_embedder
 from toolkit.tracking import progress
 
 
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the weights were not updated with it."""
+
+
 def resolve_precision(precision: str, *, cpu: bool) -> str:
     """Map the config's precision to Accelerate's ``mixed_precision``.
 
@@ -182,7 +186,7 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
     # --- train ---------------------------------------------------------------------------
     start, deadline = time.time(), (time.time() + 60 * cfg.max_minutes if cfg.max_minutes else None)
     bar = progress(total=total_steps, initial=step, desc="embed", enabled=main and cfg.progress, unit="step")
-    images_seen, t_log = 0, time.time()
+    images_seen, t_log, skipped_steps = 0, time.time(), 0
     stop = step >= total_steps
     model.train()
     while not stop:
@@ -197,6 +201,18 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
             with accelerator.autocast():
                 emb = model(x)  # (B, D) unit vectors
             loss, stats = distributed_triplet_loss(emb.float(), labels, margin=cfg.margin, strategy=cfg.mining, squared=cfg.squared)
+            # The global-batch loss is the same number on every rank, so all ranks take the
+            # same branch here without talking (no rank is left waiting in backward).
+            if not math.isfinite(stats["loss"]):
+                if cfg.on_nonfinite == "stop":
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({stats['loss']}) at step {step + 1}: stopped before the update; "
+                        f"last good checkpoint: {ckpts.latest() or 'none yet'} (on_nonfinite=skip skips such steps)"
+                    )
+                skipped_steps, epoch_step = skipped_steps + 1, epoch_step + 1  # the batch is consumed
+                accelerator.print(f"warning: non-finite loss at step {step + 1}, step skipped ({skipped_steps} so far)")
+                optimizer.zero_grad(set_to_none=True)
+                continue
             accelerator.backward(loss)
             if cfg.grad_clip:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
