@@ -137,15 +137,21 @@ def demo(*, shards: str = "shards/digits", runs: str = "runs", overwrite: bool =
 
 
 def bench(what: str = "loader", **options):
-    """Benchmarks that print both sides and their ratio. WHAT: loader.
+    """Benchmarks that print both sides, side by side in one run, and their ratio.
 
-    loader: samples/s of the shard stream vs the seed's way of reading (pandas manifest +
-    per-item PIL open, grayscale, resize from the original folder), same batch size and
-    workers. Options: --size small|camera|both, --batch_size, --workers, --out FILE.json.
+    WHAT is one of:
+      loader  shard stream vs the seed's reading (pandas manifest + per-item PIL open,
+              grayscale, resize from the original folder), same batch size and workers.
+              Options: --size camera|small|both, --batch_size 64, --workers 2, --images N,
+              --per_class N, --repeats 2, --seed 0, --out FILE.json
+      mining  semi-hard loss forward+backward time and peak memory, toolkit vs
+              pytorch-metric-learning (dev extra). Options: --sizes 256,1024,2048,
+              --repeats 3, --timeout 120, --device auto|cpu|cuda, --out FILE.json
+    Unknown benchmarks or options are refused before any work.
     """
     from toolkit.bench import run_bench
 
-    return run_bench(what, **options)
+    run_bench(what, **options)
 
 
 def sweep(
@@ -241,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv and argv[0] in COMMANDS and ("--help" in argv or "-h" in argv) and "--" not in argv:
+            argv = [argv[0], "--", "--help"]  # fire's own help syntax (else **options would swallow it)
         _check_flags(argv)
         fire.Fire(COMMANDS, command=argv, name="toolkit")
     except (ConfigError, DataError) as exc:

@@ -1,0 +1,68 @@
+"""Benchmarks behind ``toolkit bench WHAT --opt ...``: each prints both sides and their ratio.
+
+A benchmark is a module ``toolkit/bench/<name>.py`` with ``main(*, opt=default, ...)``
+(keyword-only options; the command line's ``--opt`` flags map onto them). Register it in
+:data:`BENCHMARKS` with one line. :func:`run_bench` checks the name and every option against
+``main``'s signature *before* importing anything heavy or doing any work, and reports a bad
+one in a single :class:`~toolkit.config.ConfigError` line (the CLI prints it and exits 2).
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+from typing import Any, Callable
+
+from toolkit.config import ConfigError
+
+# name -> module holding ``main(**options)``; one line per benchmark.
+BENCHMARKS: dict[str, str] = {
+    "loader": "toolkit.bench.loader",  # shard stream vs the seed's per-item PIL reading
+    # "step": "toolkit.bench.step",
+    "mining": "toolkit.bench.mining",  # semi-hard mining: toolkit vs pytorch-metric-learning
+    # "knn": "toolkit.bench.knn",
+    # "scaling": "toolkit.bench.scaling",
+    # "gpu": "toolkit.bench.gpu",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name
+
+
+def _suggest(name: str, known: list[str], fmt: Callable[[str], str] = repr) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {fmt(close[0])}?)" if close else ""
+
+
+def get_bench(what: str) -> Callable[..., Any]:
+    """The ``main`` function of benchmark ``what`` (ConfigError naming the known ones if unknown)."""
+    if not isinstance(what, str) or what not in BENCHMARKS:
+        known = ", ".join(sorted(BENCHMARKS))
+        raise ConfigError(f"toolkit bench: unknown benchmark {what!r}{_suggest(str(what), list(BENCHMARKS))} (known: {known})")
+    return importlib.import_module(BENCHMARKS[what]).main
+
+
+def check_options(what: str, fn: Callable[..., Any], options: dict[str, Any]) -> None:
+    """Every option must be a keyword-only parameter of ``fn``; required ones must be given."""
+    params = inspect.signature(fn).parameters
+    known = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    for name in options:
+        if name not in known:
+            raise ConfigError(
+                f"toolkit bench {what}: unknown option {_flag(name)}{_suggest(name, known, _flag)} "
+                f"(known: {', '.join(map(_flag, known))})"
+            )
+    missing = [n for n in known if params[n].default is inspect.Parameter.empty and n not in options]
+    if missing:
+        raise ConfigError(f"toolkit bench {what}: missing option(s) {', '.join(map(_flag, missing))}")
+
+
+def run_bench(what: str, **options: Any) -> None:
+    """Run benchmark ``what`` with ``options`` (validated first; nothing runs on a bad one)."""
+    fn = get_bench(what)
+    check_options(what, fn, options)
+    fn(**options)
+
+
+__all__ = ["BENCHMARKS", "check_options", "get_bench", "run_bench"]

@@ -157,7 +157,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             random.Random(f"{self.seed}/{self.epoch}/{pass_index}").shuffle(order)
         positions, stride, offset = assign_shards(len(order), num_slots, slot)
         urls = [{"url": self.urls[order[p]]} for p in positions]
-        raw = wds.tarfile_to_samples(handler=self._handler)(iter(urls))
+        # Only the image and the label are read into memory; the .json metadata is for people.
+        raw = wds.tarfile_to_samples(handler=self._handler, select_files=_needed_member)(iter(urls))
         for i, sample in enumerate(raw):
             # Samples of a shared shard are dealt by position inside the shard; the counter
             # resets per shard because `positions` has one shard whenever stride > 1.
@@ -173,7 +174,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         from webdataset.filters import _shuffle
 
         rng = random.Random(f"{self.seed}/{self.epoch}/{pass_index}/{slot}")
-        return _shuffle(self._samples(pass_index, slot, num_slots), bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
+        # Start yielding once a tenth of the buffer is full: workers restart every epoch and
+        # a full 1000-sample fill stalls each epoch's first batch by seconds on small data.
+        initial = max(1, self.shuffle_buffer // 10)
+        return _shuffle(self._samples(pass_index, slot, num_slots), bufsize=self.shuffle_buffer, initial=initial, rng=rng)
 
     def __iter__(self):
         slot, num_slots = self._slot()
@@ -186,14 +190,20 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield from self._random_batches(slot, num_slots)
 
     def _random_batches(self, slot: int, num_slots: int):
-        pass_index = 0
+        """Shuffled batches of ``batch_size``; leftovers carry over to the next pass."""
+        buf: list = []
+        pass_index, idle_passes = 0, 0
         while True:
-            n = 0
-            for batch in _batches(self._shuffled(pass_index, slot, num_slots), self.batch_size, drop_last=True):
-                n += 1
-                yield batch
-            if n == 0 and pass_index > 2:
-                raise DataError(f"slot {slot}: fewer than batch_size={self.batch_size} samples reachable")
+            emitted = False
+            for item in self._shuffled(pass_index, slot, num_slots):
+                buf.append(item)
+                if len(buf) == self.batch_size:
+                    emitted = True
+                    yield _collate(buf)
+                    buf = []
+            idle_passes = 0 if emitted else idle_passes + 1
+            if idle_passes >= 3 * len(self.urls) and not buf:
+                raise DataError(f"loader slot {slot}/{num_slots} reaches no samples of {self.split!r}")
             pass_index += 1
 
     def _pk_batches(self, slot: int, num_slots: int):
@@ -229,6 +239,10 @@ class ShardStream(torch.utils.data.IterableDataset):
                     f"by loader slot {slot}/{num_slots} (lower P or K, or use fewer workers/ranks)"
                 )
             pass_index += 1
+
+
+def _needed_member(fname: str) -> bool:
+    return fname.endswith((".png", ".cls"))
 
 
 def _collate(items: list[tuple[str, torch.Tensor, int]]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
