@@ -83,6 +83,40 @@ def embedder_payload(model, cfg: EmbedConfig, classes, metrics: dict, step: int,
     return payload
 
 
+def train_step(
+    model, optimizer, scheduler, accelerator, images: torch.Tensor, labels: torch.Tensor, *,
+    input_size: int, margin: float = 0.2, mining: str = "semihard", squared: bool = False,
+    grad_clip: float = 0.0, augment: bool = False, channels_last: bool = False, on_nonfinite: str = "stop",
+) -> dict | None:
+    """One optimisation step on this rank's batch; mining runs over every rank's embeddings.
+
+    ``images``: uint8 (B, C, h, w) from the loader; ``labels``: (B,). Returns the loss stats,
+    or None when the loss was non-finite and ``on_nonfinite="skip"`` (no update made).
+    """
+    device = accelerator.device
+    x = to_model_input(images.to(device, non_blocking=True), input_size=input_size, channels_last=channels_last)
+    if augment:
+        x = random_affine(x)
+    labels = labels.to(device, non_blocking=True)
+    with accelerator.autocast():
+        emb = model(x)  # (B, D) unit vectors
+    loss, stats = distributed_triplet_loss(emb.float(), labels, margin=margin, strategy=mining, squared=squared)
+    # The global-batch loss is the same number on every rank, so all ranks take the same
+    # branch here without talking (no rank is left waiting in backward).
+    if not math.isfinite(stats["loss"]):
+        if on_nonfinite == "stop":
+            raise NonFiniteLossError(f"non-finite loss ({stats['loss']}): stopped before the update")
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    accelerator.backward(loss)
+    if grad_clip:
+        accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stats
+
+
 def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
     """Train an embedder per ``cfg``. Returns the final summary (best kNN accuracy, steps...)."""
     device = accelerator.device
@@ -194,33 +228,23 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
         for i, (_, images, labels) in enumerate(loader):
             if i < epoch_step:
                 continue  # resuming mid-epoch: replay the data order up to the saved batch
-            x = to_model_input(images.to(device, non_blocking=True), input_size=cfg.input_size, channels_last=cfg.channels_last)
-            if cfg.augment:
-                x = random_affine(x)
-            labels = labels.to(device, non_blocking=True)
-            with accelerator.autocast():
-                emb = model(x)  # (B, D) unit vectors
-            loss, stats = distributed_triplet_loss(emb.float(), labels, margin=cfg.margin, strategy=cfg.mining, squared=cfg.squared)
-            # The global-batch loss is the same number on every rank, so all ranks take the
-            # same branch here without talking (no rank is left waiting in backward).
-            if not math.isfinite(stats["loss"]):
-                if cfg.on_nonfinite == "stop":
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({stats['loss']}) at step {step + 1}: stopped before the update; "
-                        f"last good checkpoint: {ckpts.latest() or 'none yet'} (on_nonfinite=skip skips such steps)"
-                    )
+            try:
+                stats = train_step(
+                    model, optimizer, scheduler, accelerator, images, labels, input_size=cfg.input_size,
+                    margin=cfg.margin, mining=cfg.mining, squared=cfg.squared, grad_clip=cfg.grad_clip,
+                    augment=cfg.augment, channels_last=cfg.channels_last, on_nonfinite=cfg.on_nonfinite,
+                )
+            except NonFiniteLossError as exc:
+                raise NonFiniteLossError(
+                    f"{exc} at step {step + 1}; last good checkpoint: {ckpts.latest() or 'none yet'} "
+                    "(on_nonfinite=skip skips such steps instead)"
+                ) from None
+            if stats is None:  # non-finite loss, on_nonfinite=skip: nothing was updated
                 skipped_steps, epoch_step = skipped_steps + 1, epoch_step + 1  # the batch is consumed
                 accelerator.print(f"warning: non-finite loss at step {step + 1}, step skipped ({skipped_steps} so far)")
-                optimizer.zero_grad(set_to_none=True)
                 continue
-            accelerator.backward(loss)
-            if cfg.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step, epoch_step = step + 1, epoch_step + 1
-            images_seen += x.shape[0] * world
+            images_seen += images.shape[0] * world
             bar.update(1)
             if step % cfg.log_every == 0:
                 dt = max(1e-9, time.time() - t_log)

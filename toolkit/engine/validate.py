@@ -94,9 +94,11 @@ def retrieval_metrics(train_emb, train_labels, val_emb, val_labels, *, block: in
     retrieved items, the precision at each correct one, divided by R. Blockwise: memory is
     O(block × N_train).
     """
-    ref = torch.as_tensor(train_emb, dtype=torch.float32)
+    # float64: early in training embeddings sit very close together, and float32 distances
+    # then tie at 0 and make the ranking arbitrary (scikit-learn's kNN does not have that issue).
+    ref = torch.as_tensor(train_emb, dtype=torch.float64)
     ref_y = torch.as_tensor(train_labels)
-    q_all = torch.as_tensor(val_emb, dtype=torch.float32)
+    q_all = torch.as_tensor(val_emb, dtype=torch.float64)
     q_y_all = torch.as_tensor(val_labels)
     counts = torch.bincount(ref_y, minlength=int(max(ref_y.max(), q_y_all.max())) + 1)
     r_max = int(counts.max())

@@ -1,0 +1,218 @@
+"""The classifier-head loop on a frozen embedder. Receives an Accelerator; never creates one.
+
+One step, on every rank::
+
+    uint8 (B, C, h, w) --to_model_input--> (B, C, S, S) --frozen embedder, no_grad--> (B, 128)
+      --head (dropout, 128->64, ReLU, dropout, 64->C, log_softmax)--> (B, C) --NLLLoss--> loss
+
+Only the head and its optimiser go through ``accelerator.prepare`` (DDP averages the head's
+gradients); the embedder never trains, so it stays a plain module on the device, in eval
+mode (BatchNorm running statistics never move) with ``requires_grad`` off. The loader is not
+prepared either: ShardStream already splits by rank with equal batch counts (DESIGN.md).
+
+The validation split is embedded once (the embedder is frozen, so its embeddings never
+change): every rank embeds its share, rank 0 assembles them and, after each epoch, scores
+the head on them (accuracy, NLL), keeping the best head in ``run_dir/best_head.pt``.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from toolkit.checkpoint import atomic_torch_save
+from toolkit.config import ClassifyConfig, ConfigError
+from toolkit.data.shards import read_info
+from toolkit.data.stream import ShardStream, make_loader
+from toolkit.data.transforms import to_model_input
+from toolkit.engine.validate import embed_split, gather_to_main
+from toolkit.inference import HEAD_FILE, check_classes, knn_predict, load_embedder, open_run
+from toolkit.models import build_head
+from toolkit.tracking import progress
+
+# Files a classifier run writes; `overwrite=true` clears them so curves never mix two runs.
+RUN_FILES = (HEAD_FILE, "metrics.jsonl", "summary.json", "report.json", "report.md")
+
+
+def check_run_dir(run_dir: str | Path, *, overwrite: bool) -> None:
+    """Refuse to reuse a finished classifier run folder unless ``overwrite``."""
+    if (Path(run_dir) / HEAD_FILE).exists() and not overwrite:
+        raise ConfigError(f"{run_dir} already holds {HEAD_FILE}: pass overwrite=true to start over")
+
+
+def clear_run_dir(run_dir: str | Path) -> None:
+    """Remove a previous run's outputs (main process only, before the tracker opens metrics.jsonl)."""
+    run_dir = Path(run_dir)
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "plots", ignore_errors=True)
+
+
+def head_payload(
+    head, *, cfg: ClassifyConfig, shards: str, embedder_path: Path, embedder: dict, preprocess: dict,
+    metrics: dict, epoch: int, step: int,
+) -> dict:
+    """What ``best_head.pt`` holds: enough to predict with the embedder it names."""
+    return {
+        "kind": "head",
+        "head": {k: v.detach().cpu() for k, v in head.state_dict().items()},
+        "config": {**asdict(cfg), "shards": shards},  # shards resolved (None = the embedder's)
+        "classes": list(embedder["classes"]),
+        "metrics": dict(metrics),
+        "epoch": int(epoch),
+        "step": int(step),
+        "embedder": str(Path(embedder_path).resolve()),
+        "embedder_step": int(embedder.get("step", 0)),
+        "embedding_dim": int(embedder["config"]["embedding_dim"]),
+        "preprocess": dict(preprocess),  # so predict needs neither run folder nor shards
+    }
+
+
+def _train_batch_size(requested: int, *, num_samples: int, world: int, workers: int) -> int:
+    """Shrink the batch for tiny datasets so every loader slot can form one."""
+    per_slot = num_samples // (world * max(1, workers))
+    return max(1, min(requested, per_slot))
+
+
+def fit_head(cfg: ClassifyConfig, accelerator, tracker) -> dict:
+    """Train a classifier head on the frozen embedder ``cfg.embedder``. Returns the summary."""
+    device = accelerator.device
+    rank, world = accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    run_dir = Path(cfg.run_dir)
+
+    # --- frozen embedder, data ---------------------------------------------------------------
+    run = open_run(cfg.embedder)  # a run folder, best_embedder.pt, or a classifier run (its embedder)
+    embedder, payload = load_embedder(run, device)  # eval mode, requires_grad False
+    ecfg = payload["config"]
+    input_size = ecfg["input_size"]
+    shards = str(cfg.shards or ecfg["shards"])
+    info = read_info(shards)
+    check_classes(info["classes"], payload["classes"], shards=shards)
+    classes = list(payload["classes"])
+    n_train = info["splits"]["train"]["num_samples"]
+    batch_size = _train_batch_size(cfg.batch_size, num_samples=n_train, world=world, workers=cfg.num_workers)
+    if batch_size < cfg.batch_size:
+        accelerator.print(f"classify: {n_train} train images: batch_size {cfg.batch_size} -> {batch_size} per process")
+    stream = ShardStream(
+        shards, split="train", mode="train", rank=rank, world_size=world, batch_size=batch_size,
+        batching="random", shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
+    )
+    steps_per_epoch = stream.steps_per_epoch()
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    if cfg.epochs and cfg.max_steps:
+        total_steps = min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+
+    # --- head, optimiser: the only things Accelerate prepares ---------------------------------
+    head = build_head(embedding_dim=ecfg["embedding_dim"], hidden=cfg.hidden, num_classes=len(classes), dropout=cfg.dropout)
+    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    head, optimizer = accelerator.prepare(head, optimizer)
+    bare = accelerator.unwrap_model(head)
+    loss_fn = torch.nn.NLLLoss()
+
+    # --- validation embeddings: once, since the embedder is frozen -----------------------------
+    local = embed_split(
+        embedder, shards=shards, split="val", rank=rank, world_size=world, device=device, input_size=input_size,
+        batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers, autocast=accelerator.autocast,
+    )
+    val = gather_to_main(*local)  # rank 0: (keys, (N, D), (N,)); others: None
+    knn_acc = None
+    if main:
+        val_emb, val_y = val[1].to(device), val[2].to(device)
+        if "index" in payload:  # the embedding stage's own score on the same split, for comparison
+            ref = payload["index"]["embeddings"].float().to(device)  # (N_train, D)
+            pred, _ = knn_predict(ref, payload["index"]["labels"], val_emb, k=cfg.knn_k, num_classes=len(classes))
+            knn_acc = float((pred == val_y.cpu()).float().mean())
+            tracker.log({"val/knn_accuracy": knn_acc, "epoch": 0}, step=0)
+
+    best = {"val/accuracy": -1.0, "val/loss": float("inf"), "epoch": 0}
+
+    def validate(epoch: int, step: int, train_stats: dict) -> None:
+        if main:
+            bare.eval()  # dropout off
+            with torch.no_grad():
+                logp = bare(val_emb)  # (N, C)
+            bare.train()
+            metrics = {
+                **train_stats,
+                "val/loss": float(F.nll_loss(logp, val_y)),
+                "val/accuracy": float((logp.argmax(1) == val_y).float().mean()),
+                "epoch": epoch,
+            }
+            # Best = highest accuracy; on a tie, the lower NLL (tiny val sets tie often).
+            improved = (metrics["val/accuracy"], -metrics["val/loss"]) > (best["val/accuracy"], -best["val/loss"])
+            if improved:
+                best.update({k: metrics[k] for k in ("val/accuracy", "val/loss", "epoch")})
+                atomic_torch_save(
+                    head_payload(bare, cfg=cfg, shards=shards, embedder_path=run.embedder_path, embedder=payload,
+                                 preprocess=info["preprocess"], metrics=metrics, epoch=epoch, step=step),
+                    run_dir / HEAD_FILE,
+                )
+            metrics["val/best_accuracy"] = best["val/accuracy"]
+            tracker.log(metrics, step=step)
+            accelerator.print(
+                f"epoch {epoch} step {step}: train loss {metrics.get('train/loss', float('nan')):.4f} "
+                f"acc {metrics.get('train/accuracy', float('nan')):.4f} | val loss {metrics['val/loss']:.4f} "
+                f"acc {metrics['val/accuracy']:.4f} (best {best['val/accuracy']:.4f}{', saved' if improved else ''})"
+            )
+        accelerator.wait_for_everyone()
+
+    # --- train ---------------------------------------------------------------------------------
+    start = time.time()
+    bar = progress(total=total_steps, desc="classify", enabled=main and cfg.progress, unit="step")
+    step, epoch, stop = 0, 0, total_steps <= 0
+    head.train()
+    while not stop:
+        # [sum of loss × batch, correct, samples] over this epoch, reduced across ranks at the end;
+        # measured with dropout on (train mode), as Keras-style training curves are.
+        sums = torch.zeros(3, device=device)  # float32: exact counts up to 2^24, and MPS has no float64
+        epoch_step = 0
+        for _, images, labels in make_loader(stream, num_workers=cfg.num_workers, epoch=epoch):
+            x = to_model_input(images.to(device, non_blocking=True), input_size=input_size)  # (B, C, S, S)
+            y = labels.to(device, non_blocking=True)  # (B,)
+            with torch.no_grad(), accelerator.autocast():
+                emb = embedder(x)  # (B, D), no graph: nothing flows back into the embedder
+            with accelerator.autocast():
+                logp = head(emb.float())  # (B, C) log-probabilities
+            loss = loss_fn(logp.float(), y)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step, epoch_step = step + 1, epoch_step + 1
+            sums[0] += loss.detach().float() * len(y)
+            sums[1] += (logp.argmax(1) == y).sum()
+            sums[2] += len(y)
+            bar.update(1)
+            if step % cfg.log_every == 0:
+                tracker.log({"train/batch_loss": loss.item(), "epoch": epoch}, step=step)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            if step >= total_steps:
+                stop = True
+                break
+        finished = epoch_step >= steps_per_epoch
+        epoch += int(finished)
+        total = accelerator.reduce(sums, reduction="sum")  # every rank ran the same number of batches
+        train_stats = {"train/loss": float(total[0] / total[2]), "train/accuracy": float(total[1] / total[2])} if total[2] > 0 else {}
+        # a max_steps stop mid-epoch is validated too, at a fractional epoch
+        validate(epoch if finished else epoch + epoch_step / steps_per_epoch, step, train_stats)
+        if cfg.epochs and epoch >= cfg.epochs:
+            stop = True
+    bar.close()
+
+    summary = {
+        "best_val_accuracy": best["val/accuracy"],
+        "best_val_loss": best["val/loss"],
+        "best_epoch": best["epoch"],
+        "val_knn_accuracy": knn_acc,
+        "steps": step,
+        "epochs": epoch,
+        "world_size": world,
+        "minutes": (time.time() - start) / 60,
+    }
+    if main:
+        tracker.summary(summary)
+    return summary
