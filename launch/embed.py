@@ -27,7 +27,10 @@ def main(argv: list[str]) -> int:
         from toolkit.data.shards import read_info
         from toolkit.data.stream import pk_shape
 
+        from toolkit.engine.embed import check_run_dir
+
         info = read_info(cfg.shards)
+        check_run_dir(cfg)
         if cfg.batching == "pk":
             pk_shape(batch_size=cfg.batch_size, K=cfg.K, P=cfg.P, num_classes=info["num_classes"])
     except (ConfigError, DataError) as exc:
@@ -59,9 +62,9 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("WANDB_DATA_DIR", str(run_dir / "wandb-data"))
     tracker = make_tracker(
         enabled=accelerator.is_main_process, kind=cfg.tracker, run_dir=run_dir,
-        config={**to_dict(cfg), "world_size": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision},
-        project=cfg.project, name=cfg.name, job_type="embed",
-    )
+        config=to_dict(cfg), project=cfg.project, name=cfg.name, job_type="embed",
+    )  # config.yaml holds exactly the resolved config: `--config run_dir/config.yaml` reruns it
+    tracker.summary({"world_size": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision})
     accelerator.print(
         f"embed: {accelerator.num_processes} process(es) on {accelerator.device.type}, "
         f"precision {accelerator.mixed_precision}, run dir {run_dir}"

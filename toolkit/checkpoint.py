@@ -58,6 +58,11 @@ def _atomic_write(path: str | os.PathLike, write) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates 0600 files; give the result the permissions of any new file
+        # (umask), so teammates and the host user outside a container can read runs.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         # BaseException too: a KeyboardInterrupt mid-save must not leave litter behind.
