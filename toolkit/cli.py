@@ -154,6 +154,94 @@ def bench(what: str = "loader", **options):
     run_bench(what, **options)
 
 
+def evaluate(run: str, *, shards: str = "", split: str = "val", method: str = "", k: int = 0, device: str = "", workers: int = 2, json: bool = False):
+    """Score a trained run on a shard split: kNN (k = 13) and, for a classifier run, the head.
+
+    RUN is an embedding run folder (or its best_embedder.pt) or a classifier run folder (or
+    its best_head.pt). Prints accuracy per method; --json prints every metric (per-class
+    accuracy included). Fails with one line naming the classes that differ when the shards'
+    classes are not the model's.
+
+    Args:
+        run: run folder or model file.
+        shards: shard folder to evaluate (default: the one the embedder was trained on).
+        split: val or train.
+        method: knn, head or both (default: both for a classifier run, knn for an embedding run).
+        k: neighbours for kNN (default: the embedder's knn_k, 13).
+        device: cpu, cuda, cuda:1 ... (default: cuda when available).
+        workers: data-loader worker processes.
+        json: print the metrics as JSON.
+    """
+    import json as _json
+
+    from toolkit.inference import evaluate as evaluate_run
+
+    m = evaluate_run(run, shards or None, split, method or None, k=k or None, device=device or None, num_workers=workers)
+    if json:
+        print(_json.dumps(m, indent=2))
+        return
+    print(f"{m['split']} split of {m['shards']}: {m['num_samples']} images, {m['num_classes']} classes")
+    if "knn_accuracy" in m:
+        print(f"  kNN (k={m['knn_k']}) accuracy {m['knn_accuracy']:.4f}  [{m['knn_reference']}]")
+    if "head_accuracy" in m:
+        print(f"  head accuracy      {m['head_accuracy']:.4f}  (NLL {m['head_loss']:.4f})")
+
+
+def predict(run: str, *images: str, method: str = "knn", k: int = 0, shards: str = "", device: str = "", json: bool = False):
+    """Classify image files with a trained run: one line per image, PATH<TAB>LABEL<TAB>CONFIDENCE.
+
+    Images get the shard-time preprocessing of the run's shards, then the model. kNN: majority
+    of the k = 13 nearest training embeddings saved with the embedder, confidence = vote share;
+    head: the classifier run's head, confidence = softmax probability. A missing or unreadable
+    file gets PATH<TAB>error: REASON, the other files are still answered, and the exit status is 1.
+
+    Args:
+        run: embedding or classifier run folder (or model file); --method head needs a classifier run.
+        images: image files.
+        method: knn or head.
+        k: neighbours for kNN (default: the embedder's knn_k, 13).
+        shards: shard folder whose preprocessing to use (default: recorded in the run).
+        device: cpu, cuda, ... (default: cuda when available).
+        json: print a JSON list of {path, label, confidence} / {path, error}.
+    """
+    import json as _json
+
+    from toolkit.inference import predict as predict_images
+
+    if not images:
+        raise ConfigError("toolkit predict: give at least one IMAGE file")
+    answers = predict_images(run, list(images), method=method, k=k or None, shards=shards or None, device=device or None)
+    if json:
+        print(_json.dumps(answers, indent=2))
+    else:
+        for a in answers:
+            print(f"{a['path']}\terror: {a['error']}" if "error" in a else f"{a['path']}\t{a['label']}\t{a['confidence']:.4f}")
+    if any("error" in a for a in answers):
+        sys.exit(1)
+
+
+def export(run: str, *, out: str, shards: str = "", split: str = "val", device: str = "", workers: int = 2):
+    """Write the embeddings of a shard split: a table (CSV, or parquet when pyarrow is installed) plus .npy arrays.
+
+    OUT.csv / OUT.parquet holds key, label, class, path (from the shards' manifest), e000 ...;
+    next to it OUT.keys.npy, OUT.labels.npy and OUT.embeddings.npy (N, D float32, unit rows),
+    rows in the same (key) order.
+
+    Args:
+        run: embedding or classifier run folder (or model file).
+        out: output file; a .csv or .parquet suffix picks the format, none picks parquet if pyarrow is installed, else CSV.
+        shards: shard folder (default: the one the embedder was trained on); its classes must be the model's.
+        split: val or train.
+        device: cpu, cuda, ... (default: cuda when available).
+        workers: data-loader worker processes.
+    """
+    from toolkit.inference import export as export_split, export_paths
+
+    n = export_split(run, shards or None, out, split, device=device or None, num_workers=workers)
+    files = export_paths(out)
+    print(f"exported {n} {split} embeddings: {files['table']} (+ {files['embeddings'].name}, {files['keys'].name}, {files['labels'].name})")
+
+
 def sweep(
     file: str,
     *,
@@ -199,7 +287,10 @@ def sweep(
     print(f"sweep {sweep_id} done ({count} trials)")
 
 
-COMMANDS = {"shard": shard, "demo": demo, "sweep": sweep, "bench": bench}
+COMMANDS = {
+    "shard": shard, "demo": demo, "evaluate": evaluate, "predict": predict, "export": export,
+    "sweep": sweep, "bench": bench,
+}
 
 
 def _check_flags(argv: list[str]) -> None:
@@ -237,7 +328,7 @@ def _check_flags(argv: list[str]) -> None:
                 i += 1  # `--flag value`
         else:
             n_positional += 1
-            if n_positional > len(positional):
+            if n_positional > len(positional) and not any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params.values()):
                 raise ConfigError(f"toolkit {argv[0]}: unexpected argument {tok!r} (takes {len(positional)}: {' '.join(p.upper() for p in positional)})")
         i += 1
 

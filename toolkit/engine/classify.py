@@ -30,7 +30,7 @@ from toolkit.data.shards import read_info
 from toolkit.data.stream import ShardStream, make_loader
 from toolkit.data.transforms import to_model_input
 from toolkit.engine.validate import embed_split, gather_to_main
-from toolkit.inference import HEAD_FILE, check_classes, knn_predict, load_embedder, open_run
+from toolkit.inference import EMBEDDER_FILE, HEAD_FILE, check_classes, knn_predict, load_embedder, open_run
 from toolkit.models import build_head
 from toolkit.tracking import progress
 
@@ -39,7 +39,11 @@ RUN_FILES = (HEAD_FILE, "metrics.jsonl", "summary.json", "report.json", "report.
 
 
 def check_run_dir(run_dir: str | Path, *, overwrite: bool) -> None:
-    """Refuse to reuse a finished classifier run folder unless ``overwrite``."""
+    """Refuse to reuse a finished classifier run folder unless ``overwrite``, and an embedding run's folder always."""
+    if (Path(run_dir) / EMBEDDER_FILE).exists():
+        # overwrite would clear the embedding run's metrics.jsonl; and a folder holding both
+        # models would make `run` ambiguous for evaluate/predict
+        raise ConfigError(f"run_dir {run_dir} holds an embedding run ({EMBEDDER_FILE}): give the classifier its own folder")
     if (Path(run_dir) / HEAD_FILE).exists() and not overwrite:
         raise ConfigError(f"{run_dir} already holds {HEAD_FILE}: pass overwrite=true to start over")
 

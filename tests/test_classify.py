@@ -1,0 +1,129 @@
+"""Classifier head on a frozen embedder: the embedder never changes, the head learns, two
+processes work, and bad inputs stop the launch before any work."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from classify_helpers import ROOT, make_separable_folder, run_launch, shard, shared_classify_run, shared_embed_run
+from conftest import free_port
+from toolkit.checkpoint import safe_load
+from toolkit.config import ClassifyConfig
+from toolkit.tracking import make_tracker, read_metrics
+
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+TIMEOUT_S = 240
+
+
+def test_fit_head_leaves_the_embedder_bit_identical(tmp_path, tmp_path_factory, monkeypatch):
+    from accelerate import Accelerator
+
+    import toolkit.engine.classify as classify
+
+    base = shared_embed_run(tmp_path_factory)
+    saved = safe_load(base["embed"] / "best_embedder.pt")["model"]
+    bn_vars = [v for k, v in saved.items() if k.endswith("running_var")]
+    assert bn_vars and not all(torch.equal(v, torch.ones_like(v)) for v in bn_vars), "BN stats must be non-default to be a real check"
+
+    captured = {}
+
+    def spy(*args, **kwargs):  # keep the very module fit_head trains with
+        model, payload = real(*args, **kwargs)
+        captured["model"] = model
+        return model, payload
+
+    real = classify.load_embedder
+    monkeypatch.setattr(classify, "load_embedder", spy)
+    cfg = ClassifyConfig(embedder=str(base["embed"]), run_dir=str(tmp_path / "cls"), epochs=2, batch_size=16,
+                         num_workers=0, tracker="none", progress=False)
+    with make_tracker(enabled=True, kind="none", run_dir=cfg.run_dir, config={}, project="test") as tracker:
+        summary = classify.fit_head(cfg, Accelerator(cpu=True), tracker)
+    assert summary["steps"] == 2 * (72 // 16) and summary["epochs"] == 2
+
+    model = captured["model"]
+    after = model.state_dict()
+    assert after.keys() == saved.keys()
+    changed = [k for k in saved if not torch.equal(after[k].cpu(), saved[k])]
+    assert not changed, f"frozen embedder changed: {changed[:5]}"
+    assert not any(p.requires_grad for p in model.parameters())
+    assert not any(m.training for m in model.modules()), "embedder left eval mode"
+
+    # the head was trained and saved; the comparison above would have caught a train-mode pass
+    payload = safe_load(tmp_path / "cls" / "best_head.pt")
+    assert {"head", "config", "classes", "metrics"} <= payload.keys()
+    assert payload["embedder"] == str((base["embed"] / "best_embedder.pt").resolve())
+    key = next(k for k in saved if k.endswith("running_mean"))
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 1, 16, 16))
+    assert not torch.equal(model.state_dict()[key], saved[key])
+
+
+def test_head_reaches_high_accuracy_and_logs_curves(tmp_path_factory):
+    run_dir = shared_classify_run(tmp_path_factory)  # launch/classify.py, 8 epochs, 1 process
+    payload = safe_load(run_dir / "best_head.pt")
+    assert payload["metrics"]["val/accuracy"] >= 0.95
+    epochs = [r for r in read_metrics(run_dir) if "val/accuracy" in r]
+    assert [r["epoch"] for r in epochs] == list(range(1, 9))
+    for r in epochs:
+        assert {"train/loss", "train/accuracy", "val/loss", "val/accuracy"} <= r.keys()
+    assert epochs[-1]["train/loss"] < epochs[0]["train/loss"]
+    assert epochs[-1]["val/loss"] < epochs[0]["val/loss"]
+    # the best head on disk is the best epoch logged
+    assert payload["metrics"]["val/accuracy"] == max(r["val/accuracy"] for r in epochs)
+
+
+def test_launch_refuses_other_classes_and_an_existing_run(tmp_path, tmp_path_factory, capsys):
+    base = shared_embed_run(tmp_path_factory)
+    other = shard(make_separable_folder(tmp_path / "img", per_class=4, classes=("down", "left", "right", "sideways")), tmp_path / "other")
+    rc, _ = run_launch("classify", [f"embedder={base['embed']}", f"shards={other}", f"run_dir={tmp_path / 'a'}", "tracker=none"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "missing from the model: sideways" in err and "up" in err
+    assert not (tmp_path / "a").exists(), "work started before the check"
+
+    done = shared_classify_run(tmp_path_factory)
+    rc, _ = run_launch("classify", [f"embedder={base['embed']}", f"run_dir={done}", "tracker=none"])
+    assert rc == 2 and "overwrite=true" in capsys.readouterr().err
+    # never inside the embedding run: overwrite would wipe its metrics
+    rc, _ = run_launch("classify", [f"embedder={base['embed']}", f"run_dir={base['embed']}", "tracker=none", "overwrite=true"])
+    assert rc == 2 and "its own folder" in capsys.readouterr().err
+    assert (base["embed"] / "metrics.jsonl").is_file()
+
+
+@pytest.mark.slow
+def test_two_process_classifier_run(tmp_path, tmp_path_factory):
+    base = shared_embed_run(tmp_path_factory)
+    run_dir = tmp_path / "cls2"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [
+        ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        str(ROOT / "launch" / "classify.py"), f"embedder={base['embed']}", f"run_dir={run_dir}",
+        "epochs=8", "batch_size=16", "num_workers=1", "tracker=none", "progress=false", "collective_timeout_s=120",
+    ]
+    # own process group, so a hang is killed together with the ranks it started
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"two-process classifier run hung (> {TIMEOUT_S} s):\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-4000:]
+
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["world_size"] == 2
+    # 72 train images / (2 ranks × 16) = 2 steps per epoch on each rank
+    epochs = [r for r in read_metrics(run_dir) if "val/accuracy" in r]
+    assert [(r["epoch"], r["step"]) for r in epochs] == [(e, 2 * e) for e in range(1, 9)]
+    payload = safe_load(run_dir / "best_head.pt")
+    assert payload["metrics"]["val/accuracy"] >= 0.9
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["num_samples"] == 24 and report["head_accuracy"] >= 0.9

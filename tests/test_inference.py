@@ -1,0 +1,118 @@
+"""Using a trained run: evaluate, predict (kNN and head), export; and the errors users meet."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from classify_helpers import make_separable_folder, shard, shared_classify_run, shared_embed_run
+from toolkit.data.folder import DataError
+from toolkit.data.shards import read_info
+from toolkit.inference import evaluate, export, export_paths, knn_predict, predict, run_split
+
+
+def val_images(base) -> dict[str, str]:
+    """{shard key: original image path} of the validation split."""
+    info = read_info(base["shards"])
+    manifest = pd.read_csv(base["shards"] / "manifest.csv")
+    val = manifest[manifest["split"] == "val"]
+    return {k: f"{info['source']}/{p}" for k, p in zip(val["key"], val["path"])}
+
+
+def test_knn_predict_matches_scikit_learn():
+    from sklearn.neighbors import KNeighborsClassifier
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.nn.functional.normalize(torch.randn(300, 16, generator=g), dim=1)  # (N, D)
+    ref_y = torch.randint(0, 5, (300,), generator=g)
+    q = torch.nn.functional.normalize(torch.randn(100, 16, generator=g), dim=1)  # (Q, D)
+    for k in (1, 13):
+        pred, share = knn_predict(ref, ref_y, q, k=k, num_classes=5, block=7)
+        expected = KNeighborsClassifier(n_neighbors=k).fit(ref.numpy(), ref_y.numpy()).predict(q.numpy())
+        assert (pred.numpy() == expected).all()
+        assert ((share * k).round() >= 1).all() and (share <= 1).all()
+    # k larger than the reference set: every reference votes
+    pred, share = knn_predict(ref[:3], torch.tensor([2, 2, 1]), q[:4], k=13, num_classes=5)
+    assert pred.tolist() == [2, 2, 2, 2] and torch.allclose(share, torch.full((4,), 2 / 3))
+
+
+def test_predict_agrees_with_evaluate_on_validation_images(tmp_path_factory):
+    base = shared_embed_run(tmp_path_factory)
+    run_dir = shared_classify_run(tmp_path_factory)
+    paths = val_images(base)
+    res = run_split(run_dir, split="val")  # kNN and head, per sample, sorted by key
+    metrics = evaluate(run_dir)
+    assert metrics["num_samples"] == len(paths) == 24
+    assert metrics["knn_accuracy"] == pytest.approx(float((res.knn_pred == res.labels).float().mean()))
+    assert metrics["head_accuracy"] == pytest.approx(float((res.head_pred == res.labels).float().mean()))
+    assert metrics["knn_accuracy"] >= 0.95 and metrics["head_accuracy"] >= 0.95
+
+    images = [paths[k] for k in res.keys]
+    for method, pred in (("knn", res.knn_pred), ("head", res.head_pred)):
+        answers = predict(run_dir, images, method=method)
+        assert [a["path"] for a in answers] == images
+        assert [a["label"] for a in answers] == [res.classes[i] for i in pred.tolist()], method
+        if method == "knn":  # vote share, the same numbers evaluate computed
+            assert [a["confidence"] for a in answers] == pytest.approx(res.knn_share.tolist())
+        else:  # softmax probability of the top class
+            assert [a["confidence"] for a in answers] == pytest.approx(res.head_logp.exp().max(1).values.tolist(), abs=1e-5)
+
+    # an embedding run answers kNN only; evaluate then reports kNN only
+    knn_only = evaluate(base["embed"])
+    assert knn_only["knn_accuracy"] == metrics["knn_accuracy"] and "head_accuracy" not in knn_only
+    with pytest.raises(DataError, match="without a classifier head"):
+        predict(base["embed"], images[:1], method="head")
+
+
+def test_predict_reports_bad_files_and_answers_the_rest(tmp_path, tmp_path_factory):
+    base = shared_embed_run(tmp_path_factory)
+    good = next(iter(val_images(base).values()))
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    missing = tmp_path / "missing.png"
+    answers = predict(base["embed"], [missing, good, text, empty, good])
+    assert [a["path"] for a in answers] == [str(p) for p in (missing, good, text, empty, good)]
+    assert answers[0]["error"] == "no such file" and "label" not in answers[0]
+    assert "not a readable image" in answers[2]["error"] and "not a readable image" in answers[3]["error"]
+    for a in (answers[1], answers[4]):
+        assert "error" not in a and a["label"] in read_info(base["shards"])["classes"] and 0 < a["confidence"] <= 1
+    assert answers[1] == {**answers[4], "path": answers[1]["path"]}
+
+
+def test_evaluate_names_the_class_difference(tmp_path, tmp_path_factory):
+    base = shared_embed_run(tmp_path_factory)
+    other = shard(make_separable_folder(tmp_path / "img", per_class=4, classes=("down", "left", "right", "sideways", "zag")), tmp_path / "other")
+    with pytest.raises(DataError) as err:
+        evaluate(base["embed"], other)
+    msg = str(err.value)
+    assert "missing from the model: sideways, zag" in msg
+    assert "the model has classes the shards lack: up" in msg
+
+
+def test_export_round_trip(tmp_path, tmp_path_factory):
+    base = shared_embed_run(tmp_path_factory)
+    out = tmp_path / "exp" / "val.csv"
+    n = export(base["embed"], base["shards"], out, split="val")
+    info = read_info(base["shards"])
+    assert n == info["splits"]["val"]["num_samples"] == 24
+
+    files = export_paths(out)
+    keys = np.load(files["keys"])  # no allow_pickle needed: plain unicode array
+    labels = np.load(files["labels"])
+    emb = np.load(files["embeddings"])
+    assert keys.shape == (n,) and labels.shape == (n,) and emb.shape == (n, 32) and emb.dtype == np.float32
+    assert list(keys) == sorted(keys) and len(set(keys)) == n
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+    table = pd.read_csv(files["table"])
+    assert len(table) == n and list(table["key"]) == list(keys) and (table["label"].to_numpy() == labels).all()
+    assert (table["class"] == [info["classes"][i] for i in labels]).all()
+    assert np.allclose(table[[c for c in table.columns if c.startswith("e")]].to_numpy(), emb, atol=1e-6)
+    # original paths come from the shards' manifest; labels agree with the class folder
+    assert all(p.split("/")[0] == c for p, c in zip(table["path"], table["class"]))
+    # the same rows evaluate scores
+    res = run_split(base["embed"], base["shards"], "val", "none")
+    assert list(keys) == res.keys and np.allclose(emb, res.embeddings.numpy())
