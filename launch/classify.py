@@ -63,9 +63,9 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("WANDB_DATA_DIR", str(run_dir / "wandb-data"))
     tracker = make_tracker(
         enabled=accelerator.is_main_process, kind=cfg.tracker, run_dir=run_dir,
-        config={**to_dict(cfg), "world_size": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision},
-        project=cfg.project, name=cfg.name, job_type="classify",
-    )
+        config=to_dict(cfg), project=cfg.project, name=cfg.name, job_type="classify",
+    )  # config.yaml holds exactly the resolved config: `--config run_dir/config.yaml` reruns it
+    tracker.summary({"world_size": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision})
     accelerator.print(
         f"classify: {accelerator.num_processes} process(es) on {accelerator.device.type}, "
         f"embedder {run.embedder_path}, run dir {run_dir}"

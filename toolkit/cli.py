@@ -104,8 +104,10 @@ def demo(*, shards: str = "shards/digits", runs: str = "runs", overwrite: bool =
 
     Writes the digits as an image folder in the cache (~/.cache/toolkit/digits or
     $TOOLKIT_CACHE), shards it into SHARDS (32x32 grey, 15 % stratified validation) and
-    trains the ZFNet embedder on this machine with configs/embed/digits.yaml, printing kNN
-    validation accuracy as it goes. W&B logs offline unless you are logged in.
+    trains the ZFNet embedder (configs/embed/digits.yaml, kNN validation as it goes), then a
+    classifier head on the frozen embedder (configs/classify/digits.yaml), and ends with kNN
+    vs head accuracy on the validation split and the paths of the report and plots. W&B logs
+    offline unless you are logged in.
 
     Args:
         shards: shard folder to write (re-used if complete, unless --overwrite).
@@ -118,21 +120,41 @@ def demo(*, shards: str = "shards/digits", runs: str = "runs", overwrite: bool =
 
     t0 = time.time()
     folder = write_digits_folder(default_data_dir())
-    print(f"[1/2] digits image folder: {folder}")
+    print(f"[1/3] digits image folder: {folder}")
     if overwrite or not (Path(shards) / INFO_NAME).is_file():
         info = write_shards(folder, shards, image_size=32, overwrite=True)
         _print_shard_summary(info, shards, time.time() - t0)
     else:
         print(f"re-using shards in {shards} (pass --overwrite to rebuild)")
-    embed_dir = Path(runs) / "digits-embed"
-    print(f"[2/2] training the embedder -> {embed_dir}")
+    embed_dir, classify_dir = Path(runs) / "digits-embed", Path(runs) / "digits-classify"
+    print(f"[2/3] training the embedder -> {embed_dir}")
+    common = [f"tracker={tracker}", "overwrite=true"]
     rc = run_launch_script(
         "embed",
-        ["--config", str(_repo_file("configs", "embed", "digits.yaml")), f"shards={shards}",
-         f"run_dir={embed_dir}", f"tracker={tracker}", "overwrite=true"],
+        ["--config", str(_repo_file("configs", "embed", "digits.yaml")), f"shards={shards}", f"run_dir={embed_dir}", *common],
     )
     if rc:
         sys.exit(rc)
+    print(f"[3/3] training the classifier head on the frozen embedder -> {classify_dir}")
+    rc = run_launch_script(
+        "classify",
+        ["--config", str(_repo_file("configs", "classify", "digits.yaml")), f"embedder={embed_dir}", f"shards={shards}",
+         f"run_dir={classify_dir}", *common],
+    )
+    if rc:
+        sys.exit(rc)
+    import json
+
+    report = json.loads((classify_dir / "report.json").read_text())
+    print()
+    print(f"| validation split ({report['num_samples']} images) | accuracy |")
+    print("|---|---:|")
+    print(f"| kNN (k = {report['knn_k']}) on the embeddings | {report['knn_accuracy']:.4f} |")
+    print(f"| classifier head on the frozen embedder | {report['head_accuracy']:.4f} |")
+    print()
+    print(f"report: {classify_dir / 'report.md'}")
+    for name, path in sorted(report["plots"].items()):
+        print(f"plot {name}: {classify_dir / path}")
     print(f"demo finished in {(time.time() - t0) / 60:.1f} min")
 
 
