@@ -1,0 +1,125 @@
+"""W&B sweep files: valid, expanded exactly as the agent does, and runnable offline on 2 CPU processes."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from conftest import free_port, make_image_folder
+from toolkit.config import ClassifyConfig, EmbedConfig, _field_types
+from toolkit.data.shards import write_shards
+from toolkit.sweep import STAGES, expand_command, load_sweep, sample_parameters, stage_of
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
+VENV_BIN = Path(sys.executable).parent
+
+
+def test_there_are_sweep_files_for_both_stages():
+    assert {stage_of(yaml.safe_load(p.read_text())) for p in SWEEPS} == {"embed", "classify"}
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_sweep_file_metric_and_parameters_are_real(path):
+    spec = load_sweep(path)
+    stage = stage_of(spec)
+    cfg_cls, logged = STAGES[stage]
+    assert spec["metric"]["name"] in logged
+    assert set(spec["parameters"]) <= set(_field_types(cfg_cls))
+    # every sampled trial is a valid config (e.g. P×K fits the batch)
+    base = yaml.safe_load((ROOT / spec["command"][spec["command"].index("--config") + 1]).read_text())
+    for seed in range(20):
+        params = sample_parameters(spec, seed=seed)
+        from toolkit.config import load_config
+
+        load_config(cfg_cls, None, {**base, **params})
+
+
+def test_expand_command_matches_the_wandb_agent():
+    spec = load_sweep(ROOT / "configs" / "sweeps" / "embed.yaml")
+    argv = expand_command(spec, {"lr": 0.003, "margin": 0.2, "K": 4})
+    assert argv == [
+        "/usr/bin/env", "accelerate", "launch", "launch/embed.py", "--config", "configs/embed/fast.yaml",
+        "--lr=0.003", "--margin=0.2", "--K=4",
+    ]
+
+
+def test_a_sweep_with_an_unlogged_metric_or_unknown_parameter_is_refused(tmp_path):
+    spec = yaml.safe_load((ROOT / "configs" / "sweeps" / "embed.yaml").read_text())
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**spec, "metric": {"name": "val/accuracyy", "goal": "maximize"}}))
+    with pytest.raises(Exception, match="not logged"):
+        load_sweep(bad)
+    bad.write_text(yaml.safe_dump({**spec, "parameters": {"learning_rate": {"values": [1]}}}))
+    with pytest.raises(Exception, match="learning_rate"):
+        load_sweep(bad)
+
+
+def test_sweep_without_server_says_so_in_one_line(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    r = subprocess.run([str(VENV_BIN / "toolkit"), "sweep", str(ROOT / "configs/sweeps/embed.yaml")],
+                       capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 2
+    assert "need a W&B server" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def _kill_tree(proc):
+    try:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        kids = []
+    for p in [*kids]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.kill()
+
+
+@pytest.mark.slow
+def test_agent_command_runs_offline_on_two_cpu_processes(tmp_path):
+    """The agent's exact argv, with the user's default accelerate config = 2 CPU processes."""
+    folder = make_image_folder(tmp_path / "imgs", sizes={c: 14 for c in "abcd"}, size=(16, 16))
+    shards = tmp_path / "shards"
+    write_shards(folder, shards, image_size=16, samples_per_shard=20, workers=1, progress=False)
+    # `accelerate config` writes $HF_HOME/accelerate/default_config.yaml; plain `accelerate
+    # launch` (what the sweep command runs) then starts two CPU processes.
+    hf_home = tmp_path / "hf"
+    (hf_home / "accelerate").mkdir(parents=True)
+    acc = yaml.safe_load((ROOT / "configs/accelerate/cpu2.yaml").read_text())
+    acc["main_process_port"] = free_port()
+    (hf_home / "accelerate" / "default_config.yaml").write_text(yaml.safe_dump(acc))
+
+    spec = load_sweep(ROOT / "configs" / "sweeps" / "embed.yaml")
+    params = sample_parameters(spec, seed=3)
+    # What a tiny trial needs on top of the sampled hyper-parameters (also just --key=value).
+    params.update(shards=str(shards), input_size=16, batch_size=8, P=2, K=4, max_steps=3, epochs=0,
+                  num_workers=0, eval_batch_size=16, run_dir=str(tmp_path / "run"), tracker="wandb")
+    argv = expand_command(spec, params)
+    assert argv[:4] == ["/usr/bin/env", "accelerate", "launch", "launch/embed.py"]
+    env = {**os.environ, "HF_HOME": str(hf_home), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc)
+        pytest.fail("sweep trial hung")
+    assert proc.returncode == 0, out[-3000:]
+    assert "2 process(es)" in out
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(spec["metric"]["name"] in r for r in rows), "the sweep's metric is what the validator logs"
+    cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert cfg["lr"] == pytest.approx(params["lr"]) and cfg["margin"] == params["margin"]
+    # offline W&B run folder: metrics, config and the best-embedder artifact
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    log = next(runs[0].glob("run-*.wandb")).read_bytes()
+    assert b"val/best_knn_accuracy" in log and b"margin" in log and b"embedder" in log
