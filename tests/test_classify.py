@@ -119,7 +119,7 @@ def test_two_process_classifier_run(tmp_path, tmp_path_factory):
         pytest.fail(f"two-process classifier run hung (> {TIMEOUT_S} s):\n{output[-3000:]}")
     assert proc.returncode == 0, output[-4000:]
 
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["world_size"] == 2
+    assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 2
     # 72 train images / (2 ranks × 16) = 2 steps per epoch on each rank
     epochs = [r for r in read_metrics(run_dir) if "val/accuracy" in r]
     assert [(r["epoch"], r["step"]) for r in epochs] == [(e, 2 * e) for e in range(1, 9)]
