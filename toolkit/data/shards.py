@@ -229,8 +229,34 @@ def _write_split_shards(
     return {"splits": splits}
 
 
+def is_remote(folder: str | Path) -> bool:
+    """Shards elsewhere: a URL (``http://host/shards``) or a template with ``{}`` for the
+    file name (``pipe:aws s3 cp s3://bucket/shards/{} -``), read through WebDataset's gopen."""
+    s = str(folder)
+    return "{}" in s or "://" in s
+
+
+def shard_url(folder: str | Path, name: str) -> str:
+    """Where file ``name`` of a shard folder lives: local path, URL or filled-in template."""
+    s = str(folder)
+    if "{}" in s:
+        return s.replace("{}", name)
+    if "://" in s:
+        return s.rstrip("/") + "/" + name
+    return str(Path(s) / name)
+
+
 def read_info(folder: str | Path) -> dict:
     """Load ``_info.json`` of a shard folder, with a one-line error when it is missing."""
+    if is_remote(folder):
+        import webdataset as wds
+
+        url = shard_url(folder, INFO_NAME)
+        try:
+            with wds.gopen(url) as f:
+                return json.loads(f.read())
+        except Exception as exc:  # noqa: BLE001 - any transport error becomes one line
+            raise DataError(f"cannot read {url}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"shard folder not found: {folder}")

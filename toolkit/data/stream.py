@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 import warnings
 from collections import defaultdict, deque
 from pathlib import Path
@@ -39,7 +40,7 @@ from PIL import Image
 from torch.utils.data import get_worker_info
 
 from toolkit.data.folder import DataError
-from toolkit.data.shards import read_info
+from toolkit.data.shards import read_info, shard_url
 
 Mode = Literal["train", "eval"]
 
@@ -109,7 +110,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         if sinfo["num_samples"] == 0:
             raise DataError(f"{folder}: split {split!r} is empty")
         self.folder = str(folder)
-        self.urls = [str(Path(folder) / f) for f in sinfo["filenames"]]
+        self.urls = [shard_url(folder, f) for f in sinfo["filenames"]]
+        # Expected samples per shard: Python's tarfile reads a tar cut at a member boundary as a
+        # shorter archive without any error, so truncation is only visible against these counts.
+        lengths = sinfo.get("shard_lengths") or []
+        self.shard_lengths = dict(zip(self.urls, map(int, lengths))) if len(lengths) == len(self.urls) else {}
         self.num_samples = int(sinfo["num_samples"])
         self.classes = list(info["classes"])
         self.split, self.mode = split, mode
@@ -142,10 +147,18 @@ class ShardStream(torch.utils.data.IterableDataset):
         workers, worker = (wi.num_workers, wi.id) if wi is not None else (1, 0)
         return self.rank * workers + worker, self.world_size * workers
 
-    def _handler(self, exn: Exception) -> bool:
+    def _handler(self, exn: Exception, url: str | None = None, key: str | None = None) -> bool:
+        # Name the shard (webdataset appends its URL to exn.args; decode errors pass it in) and
+        # count the skips, so a damaged shard is found from one line of the log.
+        url = url or next((a for a in reversed(exn.args) if isinstance(a, str) and a.endswith(".tar")), None)
+        where = (Path(url).name if url else "unknown shard") + (f", sample {key}" if key else "")
+        first = str(exn.args[0]) if exn.args else ""
+        first = re.sub(r" <[^>]* at 0x[0-9a-f]+>", "", first.split(" @ ", 1)[0])  # drop object reprs
+        what = f"{type(exn).__name__}: {first.splitlines()[0] if first else ''}"[:200]
         if self.strict:
-            raise DataError(f"corrupt shard data: {exn}") from exn
-        warnings.warn(f"skipping unreadable data: {str(exn).splitlines()[0][:200]}", stacklevel=2)
+            raise DataError(f"corrupt shard data in {where} ({what}); strict_data is on") from exn
+        self._skipped = getattr(self, "_skipped", 0) + 1  # per loader worker: each holds a copy
+        warnings.warn(f"skipping unreadable data in {where} ({self._skipped} skipped so far by this loader): {what}", stacklevel=2)
         return True  # keep going
 
     def _samples(self, pass_index: int, slot: int, num_slots: int) -> Iterator[tuple[str, torch.Tensor, int]]:
@@ -159,7 +172,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         urls = [{"url": self.urls[order[p]]} for p in positions]
         # Only the image and the label are read into memory; the .json metadata is for people.
         raw = wds.tarfile_to_samples(handler=self._handler, select_files=_needed_member)(iter(urls))
+        seen: dict[str, int] = defaultdict(int)  # samples found per shard, decodable or not
         for i, sample in enumerate(raw):
+            seen[sample.get("__url__")] += 1
             # Samples of a shared shard are dealt by position inside the shard; the counter
             # resets per shard because `positions` has one shard whenever stride > 1.
             if i % stride != offset:
@@ -167,8 +182,13 @@ class ShardStream(torch.utils.data.IterableDataset):
             try:
                 yield decode_sample(sample)
             except Exception as exn:  # noqa: BLE001
-                if self._handler(exn):
+                if self._handler(exn, sample.get("__url__"), sample.get("__key__")):
                     continue
+        # Reached only after a complete pass (a loader cut mid-pass closes this generator).
+        for u in urls:
+            expected = self.shard_lengths.get(u["url"])
+            if expected is not None and seen[u["url"]] < expected:
+                self._handler(DataError(f"only {seen[u['url']]} of {expected} samples found (truncated shard?)"), u["url"])
 
     def _shuffled(self, pass_index: int, slot: int, num_slots: int):
         from webdataset.filters import _shuffle
