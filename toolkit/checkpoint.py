@@ -34,6 +34,9 @@ __all__ = [
 ]
 
 _STEP_RE = re.compile(r"^step-(\d+)\.pt$")
+# Temp files of _atomic_write for step files and the pointer; only a SIGKILL/power cut mid-save
+# leaves one behind (any exception removes its own).
+_STALE_TMP_RE = re.compile(r"^\.(step-\d+\.pt|latest\.json)\..+\.tmp$")
 
 
 class CheckpointError(RuntimeError):
@@ -231,7 +234,18 @@ class CheckpointManager:
         # Pointer only after the data file is durable: a pointer never names a partial file.
         atomic_write_json(self.directory / self.pointer_name, {"step": int(step), "file": path.name})
         self._prune(keep=path)
+        self._remove_stale_temps()
         return path
+
+    def _remove_stale_temps(self) -> None:
+        # A save killed mid-write leaves a checkpoint-sized temp file that nothing else would
+        # ever delete. Safe to remove here: one process writes a run's checkpoints, one at a time.
+        for p in self.directory.iterdir():
+            if _STALE_TMP_RE.match(p.name):
+                try:
+                    p.unlink()
+                except FileNotFoundError:
+                    pass
 
     def save_best(self, state: dict, name: str = "best.pt") -> Path:
         """Write ``state`` to ``name`` (never pruned)."""

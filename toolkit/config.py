@@ -168,6 +168,7 @@ class EmbedConfig:
     batching: Literal["pk", "random"] = "pk"  # "random" = the seed's shuffled batches
     shuffle_buffer: int = 1000
     num_workers: int = 2
+    strict_data: bool = False  # an unreadable sample or truncated shard stops training (naming the shard) instead of a counted warning + skip
     augment: bool = False  # random rotation ±10°, shift ±10 %, scale 0.9-1.1, done on the device
     # model
     arch: Literal["zfnet", "resnet18", "resnet34"] = "zfnet"

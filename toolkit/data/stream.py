@@ -148,17 +148,23 @@ class ShardStream(torch.utils.data.IterableDataset):
         return self.rank * workers + worker, self.world_size * workers
 
     def _handler(self, exn: Exception, url: str | None = None, key: str | None = None) -> bool:
-        # Name the shard (webdataset appends its URL to exn.args; decode errors pass it in) and
-        # count the skips, so a damaged shard is found from one line of the log.
-        url = url or next((a for a in reversed(exn.args) if isinstance(a, str) and a.endswith(".tar")), None)
-        where = (Path(url).name if url else "unknown shard") + (f", sample {key}" if key else "")
+        # Name the shard (webdataset appends its URL or open file to exn.args; decode errors
+        # pass it in) and count the skips, so a damaged shard is found from one line of the log.
+        found = (_SHARD_NAME.search(str(a)) for a in ([url] if url else reversed(exn.args)))
+        shard = next((m.group(1) for m in found if m), url or "unknown shard")  # also in URLs, pipe: commands
+        where = shard + (f", sample {key}" if key else "")
         first = str(exn.args[0]) if exn.args else ""
         first = re.sub(r" <[^>]* at 0x[0-9a-f]+>", "", first.split(" @ ", 1)[0])  # drop object reprs
         what = f"{type(exn).__name__}: {first.splitlines()[0] if first else ''}"[:200]
         if self.strict:
             raise DataError(f"corrupt shard data in {where} ({what}); strict_data is on") from exn
-        self._skipped = getattr(self, "_skipped", 0) + 1  # per loader worker: each holds a copy
-        warnings.warn(f"skipping unreadable data in {where} ({self._skipped} skipped so far by this loader): {what}", stacklevel=2)
+        # Per loader worker (each holds a copy). Train mode re-reads the same damage every
+        # pass: count every skip, warn once per distinct problem.
+        self._skipped = getattr(self, "_skipped", 0) + 1
+        warned = self.__dict__.setdefault("_warned", set())
+        if (where, what) not in warned:
+            warned.add((where, what))
+            warnings.warn(f"skipping unreadable data in {where} ({self._skipped} skipped so far by this loader): {what}", stacklevel=2)
         return True  # keep going
 
     def _samples(self, pass_index: int, slot: int, num_slots: int) -> Iterator[tuple[str, torch.Tensor, int]]:
@@ -259,6 +265,10 @@ class ShardStream(torch.utils.data.IterableDataset):
                     f"by loader slot {slot}/{num_slots} (lower P or K, or use fewer workers/ranks)"
                 )
             pass_index += 1
+
+
+# A shard's file name inside a path, URL, "pipe:aws s3 cp s3://b/train-000001.tar -" or file repr.
+_SHARD_NAME = re.compile(r"([^/\s'\"<>=]+\.tar)(?![\w.])")
 
 
 def _needed_member(fname: str) -> bool:

@@ -141,6 +141,7 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
     stream = ShardStream(
         cfg.shards, split="train", mode="train", rank=rank, world_size=world, batch_size=cfg.batch_size,
         P=cfg.P, K=cfg.K, batching=cfg.batching, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
+        strict=cfg.strict_data,  # unreadable samples / truncated shards: skip with a warning, or stop
     )
     steps_per_epoch = stream.steps_per_epoch()
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
