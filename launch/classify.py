@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import timedelta
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
@@ -38,19 +35,13 @@ def main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    # 2. Accelerator: the only place one is created.
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, set_seed
+    # 2. Accelerator: created here and nowhere else.
+    from accelerate.utils import set_seed
 
+    from toolkit.engine.accelerator import make_accelerator
     from toolkit.engine.classify import clear_run_dir, fit_head
-    from toolkit.engine.embed import resolve_precision
 
-    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in {"1", "true"}
-    accelerator = Accelerator(
-        cpu=cpu,
-        mixed_precision=resolve_precision(cfg.precision, cpu=cpu),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout_s))],
-    )
+    accelerator = make_accelerator(precision=cfg.precision, collective_timeout_s=cfg.collective_timeout_s)
     set_seed(cfg.seed)  # same initial head on every rank
 
     # 3. Tracking on rank 0 only; a rerun with overwrite=true starts from a clean folder.
