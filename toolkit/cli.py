@@ -169,7 +169,14 @@ def bench(what: str = "loader", **options):
       mining  semi-hard loss forward+backward time and peak memory, toolkit vs
               pytorch-metric-learning (dev extra). Options: --sizes 256,1024,2048,
               --repeats 3, --timeout 120, --device auto|cpu|cuda, --out FILE.json
-    Unknown benchmarks or options are refused before any work.
+      step    toolkit embed step (Accelerate + gather + mining + optimizer) vs a plain
+              PyTorch loop, same model/batch/precision. `toolkit bench step --help`-style
+              options are the keyword arguments of toolkit/bench/step.py main().
+      knn     toolkit blockwise torch kNN vs scikit-learn KNeighborsClassifier (k = 13).
+      scaling one process vs two (gloo): compute, gather and mining time per step.
+      gpu     seed network at 220x220 on a GPU (bf16/fp32, channels_last, torch.compile);
+              prints a JSON line saying it skipped on machines without CUDA.
+    Unknown benchmarks or options are refused before any work (the error lists the options).
     """
     from toolkit.bench import run_bench
 

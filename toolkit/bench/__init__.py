@@ -18,11 +18,11 @@ from toolkit.config import ConfigError
 # name -> module holding ``main(**options)``; one line per benchmark.
 BENCHMARKS: dict[str, str] = {
     "loader": "toolkit.bench.loader",  # shard stream vs the seed's per-item PIL reading
-    # "step": "toolkit.bench.step",
+    "step": "toolkit.bench.step",  # embed train step images/s: toolkit (Accelerate) vs a plain loop
     "mining": "toolkit.bench.mining",  # semi-hard mining: toolkit vs pytorch-metric-learning
-    # "knn": "toolkit.bench.knn",
-    # "scaling": "toolkit.bench.scaling",
-    # "gpu": "toolkit.bench.gpu",
+    "knn": "toolkit.bench.knn",  # validation kNN(13): blockwise torch vs scikit-learn, same predictions
+    "scaling": "toolkit.bench.scaling",  # one vs two gloo processes: ms per step phase, images/s
+    "gpu": "toolkit.bench.gpu",  # seed net at 220 on CUDA: images/s, share of peak FLOP/s (skips on CPU)
 }
 
 
