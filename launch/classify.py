@@ -9,7 +9,6 @@ Everything reusable lives in toolkit/.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -45,18 +44,16 @@ def main(argv: list[str]) -> int:
     set_seed(cfg.seed)  # same initial head on every rank
 
     # 3. Tracking on rank 0 only; a rerun with overwrite=true starts from a clean folder.
-    from toolkit.tracking import make_tracker
+    from toolkit.engine.accelerator import start_tracker
 
     run_dir = Path(cfg.run_dir)
     if accelerator.is_main_process and cfg.overwrite:
         clear_run_dir(run_dir)
     accelerator.wait_for_everyone()
-    os.environ.setdefault("WANDB_DATA_DIR", str(run_dir / "wandb-data"))
-    tracker = make_tracker(
-        enabled=accelerator.is_main_process, kind=cfg.tracker, run_dir=run_dir,
-        config=to_dict(cfg), project=cfg.project, name=cfg.name, job_type="classify",
-    )  # config.yaml holds exactly the resolved config: `--config run_dir/config.yaml` reruns it
-    tracker.summary({"world_size": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision})
+    tracker = start_tracker(
+        accelerator, kind=cfg.tracker, run_dir=run_dir, config=to_dict(cfg), project=cfg.project,
+        name=cfg.name, job_type="classify",
+    )
     accelerator.print(
         f"classify: {accelerator.num_processes} process(es) on {accelerator.device.type}, "
         f"embedder {run.embedder_path}, run dir {run_dir}"

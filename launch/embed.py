@@ -50,15 +50,13 @@ def main(argv: list[str]) -> int:
     set_seed(cfg.seed)  # same initial weights on every rank; data order is seeded separately
 
     # 3. Tracking on rank 0 only (W&B offline unless logged in).
-    from toolkit.tracking import make_tracker
+    from toolkit.engine.accelerator import start_tracker
 
     run_dir = Path(cfg.run_dir)
-    os.environ.setdefault("WANDB_DATA_DIR", str(run_dir / "wandb-data"))
-    tracker = make_tracker(
-        enabled=accelerator.is_main_process, kind=cfg.tracker, run_dir=run_dir,
-        config=to_dict(cfg), project=cfg.project, name=cfg.name, job_type="embed",
-    )  # config.yaml holds exactly the resolved config: `--config run_dir/config.yaml` reruns it
-    tracker.summary({"world_size": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision})
+    tracker = start_tracker(
+        accelerator, kind=cfg.tracker, run_dir=run_dir, config=to_dict(cfg), project=cfg.project,
+        name=cfg.name, job_type="embed",
+    )
     accelerator.print(
         f"embed: {accelerator.num_processes} process(es) on {accelerator.device.type}, "
         f"precision {accelerator.mixed_precision}, run dir {run_dir}"

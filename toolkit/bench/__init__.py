@@ -66,3 +66,24 @@ def run_bench(what: str, **options: Any) -> None:
 
 
 __all__ = ["BENCHMARKS", "check_options", "get_bench", "run_bench"]
+
+
+def require_ints(what: str, specs) -> None:
+    """``specs``: (name, value, lowest allowed) triples; a bad one is one ConfigError line."""
+    for name, value, low in specs:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"toolkit bench {what}: --{name} must be an integer >= {low}, got {value!r}")
+
+
+def data_root():
+    """(folder, temporary): ``$TOOLKIT_CACHE/bench`` reused across runs, else a temp folder to delete."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    cache = os.environ.get("TOOLKIT_CACHE")
+    if cache:
+        root = Path(cache).expanduser() / "bench"
+        root.mkdir(parents=True, exist_ok=True)
+        return root, False
+    return Path(tempfile.mkdtemp(prefix="toolkit-bench-")), True

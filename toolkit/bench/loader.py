@@ -32,7 +32,6 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -42,6 +41,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from toolkit.bench import data_root, require_ints
 from toolkit.config import ConfigError
 
 SIZES = ("camera", "small")
@@ -307,19 +307,12 @@ def main(
     kinds = list(SIZES) if size == "both" else [size]
     if size not in (*SIZES, "both"):
         raise ConfigError(f"toolkit bench loader: --size must be camera, small or both, got {size!r}")
-    for name, value, low in (("batch_size", batch_size, 1), ("workers", workers, 0), ("repeats", repeats, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"toolkit bench loader: --{name} must be an integer >= {low}, got {value!r}")
+    require_ints("loader", (("batch_size", batch_size, 1), ("workers", workers, 0), ("repeats", repeats, 1)))
     for name, value in (("images", images), ("per_class", per_class)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"toolkit bench loader: --{name} must be a positive integer, got {value!r}")
 
-    cache = os.environ.get("TOOLKIT_CACHE")
-    if cache:
-        root, temporary = Path(cache).expanduser() / "bench", False
-        root.mkdir(parents=True, exist_ok=True)
-    else:
-        root, temporary = Path(tempfile.mkdtemp(prefix="toolkit-bench-")), True
+    root, temporary = data_root()
     machine = machine_info()
     results = []
     try:

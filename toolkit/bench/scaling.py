@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from toolkit.bench import data_root, require_ints
 from toolkit.config import ConfigError
 
 WORKER = Path(__file__).with_name("_scaling_worker.py")
@@ -152,18 +153,11 @@ def main(
     """
     if data not in ("digits", "synthetic"):
         raise ConfigError(f"toolkit bench scaling: --data must be digits or synthetic, got {data!r}")
-    for name, value, low in (("batch_size", batch_size, 2), ("K", K, 2), ("input_size", input_size, 1),
+    require_ints("scaling", (("batch_size", batch_size, 2), ("K", K, 2), ("input_size", input_size, 1),
                              ("warmup", warmup, 0), ("steps", steps, 1), ("repeats", repeats, 1),
-                             ("processes", processes, 2)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"toolkit bench scaling: --{name} must be an integer >= {low}, got {value!r}")
+                             ("processes", processes, 2)))
 
-    cache = os.environ.get("TOOLKIT_CACHE")
-    if cache:
-        root, temporary = Path(cache).expanduser() / "bench", False
-        root.mkdir(parents=True, exist_ok=True)
-    else:
-        root, temporary = Path(tempfile.mkdtemp(prefix="toolkit-bench-")), True
+    root, temporary = data_root()
     work = Path(tempfile.mkdtemp(prefix="toolkit-scaling-"))
     cores = _cores()
     try:

@@ -25,3 +25,22 @@ def make_accelerator(*, precision: str = "auto", collective_timeout_s: float = 6
         mixed_precision=resolve_precision(precision, cpu=cpu),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s))],
     )
+
+
+def start_tracker(accelerator, *, kind: str, run_dir, config: dict, project: str, name: str | None, job_type: str):
+    """The run's tracker: real on rank 0, a no-op elsewhere (only rank 0 may call wandb.init).
+
+    config.yaml gets exactly the resolved config (so `--config RUN/config.yaml` reruns it);
+    how the run was launched goes to summary.json instead.
+    """
+    from pathlib import Path
+
+    from toolkit.tracking import make_tracker
+
+    os.environ.setdefault("WANDB_DATA_DIR", str(Path(run_dir) / "wandb-data"))  # offline artifacts stay in the run
+    tracker = make_tracker(
+        enabled=accelerator.is_main_process, kind=kind, run_dir=run_dir,
+        config=config, project=project, name=name, job_type=job_type,
+    )
+    tracker.summary({"world_size": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision})
+    return tracker
