@@ -123,3 +123,23 @@ def test_new_benchmarks_are_registered_and_check_options():
         check_options("knn", get_bench("knn"), {"repeat": 1})
     assert Path(sys.executable).with_name("accelerate").exists() or subprocess.run(
         ["accelerate", "--help"], capture_output=True).returncode == 0
+
+
+def test_mining_bench_prints_both_sides_ratio_and_b2_cost(tmp_path):
+    pytest.importorskip("pytorch_metric_learning")  # in the dev extra; the bench names it when missing
+    out = tmp_path / "mining.json"
+    r = run("bench", "mining", "--sizes", "64,256", "--repeats", 1, "--out", out, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    header = _row(r.stdout, "| global batch")
+    assert header[:5] == ["global batch", "toolkit ms", "toolkit ns/B²", "PML ms", "speed-up"]
+    for b in (64, 256):
+        cells = _row(r.stdout, f"| {b} |")
+        toolkit_ms, per_b2, pml_ms = _num(cells[1]), _num(cells[2]), _num(cells[3])
+        assert toolkit_ms > 0 and pml_ms > 0
+        assert per_b2 == pytest.approx(toolkit_ms * 1e6 / b**2, rel=0.05, abs=0.1)
+        assert re.match(r"\d+\.\d+×", cells[4]), cells
+    assert "targets at 2048" in r.stdout
+    report = json.loads(out.read_text())
+    assert [row["batch"] for row in report["rows"]] == [64, 256]
+    for row in report["rows"]:
+        assert row["speedup"] == pytest.approx(row["pml"]["seconds"] / row["toolkit"]["seconds"])

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from toolkit.losses import pairwise_distances, triplet_loss
+import toolkit.losses as losses_mod
+from toolkit.losses import pair_distances, pairwise_distances, triplet_loss
 
 MARGIN = 0.2
 ATOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -139,6 +140,37 @@ def test_semihard_matches_reference(layout, squared, dtype):
         assert info["fallbacks"] == info["num_pairs"] > 0
     else:
         assert 0 < info["fallbacks"] < info["num_pairs"]
+
+
+@pytest.mark.parametrize("path", ["sort", "small_blocks", "sort_small_blocks"])
+@pytest.mark.parametrize("layout", ["pk", "all_fallback", "clustered"])
+def test_semihard_mining_paths_agree_with_reference(layout, path, monkeypatch):
+    # The default scans every positive's threshold; classes with more than
+    # _SCAN_MAX_POSITIVES positives switch to a per-row sort; anchors are mined a block of
+    # rows at a time. Every combination must pick the same triplets as the reference.
+    if "sort" in path:
+        monkeypatch.setattr(losses_mod, "_SCAN_MAX_POSITIVES", 0)
+    if "small_blocks" in path:
+        monkeypatch.setattr(losses_mod, "_BLOCK_ELEMENTS", 100)  # a few rows per block
+    _compare(layout, torch.float64, "semihard", squared=False)
+    _compare(layout, torch.float32, "semihard", squared=True)
+
+
+@pytest.mark.parametrize("squared", [False, True])
+def test_pair_distances_gradient_is_exact_and_finite_at_zero(squared, monkeypatch):
+    monkeypatch.setattr(losses_mod, "_PAIR_CHUNK_ELEMENTS", 12)  # several chunks of pairs
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    x[7] = x[2]  # a duplicate row: a zero distance
+    i = torch.tensor([0, 1, 2, 3, 4, 5, 6, 8, 0, 3, 1])
+    j = torch.tensor([1, 2, 3, 4, 5, 6, 7, 0, 8, 3, 4])  # (3, 3) is a self pair
+    nonzero = torch.tensor([k for k in range(len(i)) if {int(i[k]), int(j[k])} not in ({2, 7}, {3})])
+    assert torch.autograd.gradcheck(lambda e: pair_distances(e, i[nonzero], j[nonzero], squared), (x.clone().requires_grad_(True),))
+    xr = x.clone().requires_grad_(True)
+    d = pair_distances(xr, i, j, squared)
+    torch.testing.assert_close(d.detach(), _direct_dist(x, i, j, squared), atol=1e-12, rtol=0)
+    d.sum().backward()
+    assert torch.isfinite(xr.grad).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
