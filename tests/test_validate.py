@@ -61,11 +61,13 @@ def assert_no_ties(ref, queries, min_gap=1e-5):
 # ----------------------------------------------------------------------------- kNN
 
 
+@pytest.mark.parametrize("backend", ["auto", "sklearn", "torch"])
 @pytest.mark.parametrize("k", [1, 5, 13])
-def test_knn_accuracy_equals_sklearn(k):
+def test_knn_accuracy_equals_sklearn(k, backend):
     train, train_y = blobs(12, 4, 8, spread=1.2, seed=1)  # overlapping: accuracy well below 1
     val, val_y = blobs(6, 4, 8, spread=1.2, seed=2)
-    acc, pred = knn_accuracy(torch.from_numpy(train), torch.from_numpy(train_y), torch.from_numpy(val), torch.from_numpy(val_y), k=k)
+    acc, pred = knn_accuracy(torch.from_numpy(train), torch.from_numpy(train_y), torch.from_numpy(val),
+                             torch.from_numpy(val_y), k=k, backend=backend)
     assert 0.3 < acc < 0.95, "toy set should be neither trivial nor hopeless"
 
     ref = KNeighborsClassifier(n_neighbors=k).fit(train, train_y)
@@ -73,6 +75,24 @@ def test_knn_accuracy_equals_sklearn(k):
     assert np.array_equal(pred, expected_pred)
     assert acc == pytest.approx(float((expected_pred == val_y).mean()))
     assert acc == pytest.approx(ref.score(val, val_y))
+
+
+def test_knn_auto_backend_switches_to_torch_on_large_sets(monkeypatch):
+    import toolkit.engine.validate as validate
+    import toolkit.knn
+
+    calls = []
+    real = toolkit.knn.knn_accuracy_torch
+    monkeypatch.setattr(toolkit.knn, "knn_accuracy_torch", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    train, train_y = blobs(12, 4, 8, spread=1.2, seed=1)
+    val, val_y = blobs(6, 4, 8, spread=1.2, seed=2)
+    small = knn_accuracy(train, train_y, val, val_y)
+    assert calls == []  # 48 x 24 pairs: scikit-learn
+    monkeypatch.setattr(validate, "TORCH_KNN_MIN_PAIRS", len(train_y) * len(val_y))
+    big = knn_accuracy(train, train_y, val, val_y)
+    assert calls == [1] and big[0] == small[0] and np.array_equal(big[1], small[1])
+    with pytest.raises(ValueError, match="backend"):
+        knn_accuracy(train, train_y, val, val_y, backend="faiss")
 
 
 def test_knn_accuracy_with_more_neighbours_than_references():
