@@ -20,7 +20,7 @@ import time
 
 import torch
 
-DEFAULT_SIZES = (256, 1024, 2048)
+DEFAULT_SIZES = (256, 1024, 2048, 4096)
 
 
 def _batch(b: int, *, dim: int = 128, k: int = 4, seed: int = 0, device: str = "cpu"):
