@@ -152,3 +152,14 @@ def test_decode_png_of_damaged_data_raises():
         decode_png(buf.getvalue()[:40])  # the IHDR says 8-bit grey, the data are missing
     with pytest.raises(Exception):
         decode_png(b"\x89PNG\r\n\x1a\n but not really")
+
+
+def test_signed_checksums_of_old_tar_programs_are_accepted():
+    # Some old tars summed the header as signed bytes; tarfile accepts both, and so must we.
+    data = bytearray(_tar(tarfile.GNU_FORMAT, {"ünï.png": b"x"}, extras=False))
+    header = data[:512]
+    assert any(b > 127 for b in header[:100])  # the UTF-8 name has high bytes
+    header[148:156] = b" " * 8
+    signed = sum(b - 256 if b > 127 else b for b in header)
+    data[148:156] = b"%06o\0 " % signed
+    assert list(iter_tar(io.BytesIO(bytes(data)))) == [("ünï.png", b"x")] == _reference(bytes(data))
