@@ -142,18 +142,31 @@ def test_semihard_matches_reference(layout, squared, dtype):
         assert 0 < info["fallbacks"] < info["num_pairs"]
 
 
-@pytest.mark.parametrize("path", ["sort", "small_blocks", "sort_small_blocks"])
+@pytest.mark.parametrize("blocks", ["one_block", "small_blocks"])
+@pytest.mark.parametrize("search", ["scan", "sort"])
+@pytest.mark.parametrize("grad", ["dense", "pairs"])
 @pytest.mark.parametrize("layout", ["pk", "all_fallback", "clustered"])
-def test_semihard_mining_paths_agree_with_reference(layout, path, monkeypatch):
-    # The default scans every positive's threshold; classes with more than
-    # _SCAN_MAX_POSITIVES positives switch to a per-row sort; anchors are mined a block of
-    # rows at a time. Every combination must pick the same triplets as the reference.
-    if "sort" in path:
+def test_semihard_mining_paths_agree_with_reference(layout, grad, search, blocks, monkeypatch):
+    # Defaults: small batches differentiate one dense (B, B) matrix, large ones only the
+    # chosen pairs; a class with more than _SCAN_MAX_POSITIVES positives switches from the
+    # threshold scan to a per-row sort; anchors are mined a block of rows at a time. Every
+    # combination must pick the same triplets, values and gradients as the reference.
+    if grad == "pairs":
+        monkeypatch.setattr(losses_mod, "_DENSE_MAX_ELEMENTS", 0)
+    if search == "sort":
         monkeypatch.setattr(losses_mod, "_SCAN_MAX_POSITIVES", 0)
-    if "small_blocks" in path:
+    if blocks == "small_blocks":
         monkeypatch.setattr(losses_mod, "_BLOCK_ELEMENTS", 100)  # a few rows per block
     _compare(layout, torch.float64, "semihard", squared=False)
     _compare(layout, torch.float32, "semihard", squared=True)
+
+
+@pytest.mark.parametrize("squared", [False, True])
+@pytest.mark.parametrize("layout", ["pk", "clustered"])
+def test_hard_through_the_pair_path_matches_reference(layout, squared, monkeypatch):
+    monkeypatch.setattr(losses_mod, "_DENSE_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(losses_mod, "_BLOCK_ELEMENTS", 100)
+    _compare(layout, torch.float64, "hard", squared)
 
 
 @pytest.mark.parametrize("squared", [False, True])
@@ -181,8 +194,11 @@ def test_hard_and_all_match_reference(layout, strategy, squared, dtype):
     _compare(layout, dtype, strategy, squared)
 
 
+@pytest.mark.parametrize("grad", ["dense", "pairs"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_semihard_needs_strictly_farther_negative(dtype):
+def test_semihard_needs_strictly_farther_negative(dtype, grad, monkeypatch):
+    if grad == "pairs":
+        monkeypatch.setattr(losses_mod, "_DENSE_MAX_ELEMENTS", 0)
     # Orthogonal unit vectors give exact ties: d = sqrt(2) for a-p, a-n1, p-n1, p-n2.
     # (a, p): n1 ties, so the semi-hard negative is n2 (d = 2)        -> relu(√2 - 2 + m) = 0
     # (p, a): both negatives tie, none is farther -> farthest (a tie)  -> relu(0 + m) = m
