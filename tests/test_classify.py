@@ -67,6 +67,36 @@ def test_fit_head_leaves_the_embedder_bit_identical(tmp_path, tmp_path_factory, 
     assert not torch.equal(model.state_dict()[key], saved[key])
 
 
+@pytest.mark.parametrize("cache", [True, False])
+def test_train_embeddings_are_computed_once_when_cached(cache, tmp_path, tmp_path_factory, monkeypatch):
+    from accelerate import Accelerator
+
+    import toolkit.engine.classify as classify
+
+    base = shared_embed_run(tmp_path_factory)
+    embedded = []
+
+    def spy(*args, **kwargs):  # count the images the frozen embedder sees
+        model, payload = real(*args, **kwargs)
+        model.register_forward_hook(lambda mod, inp, out: embedded.append(inp[0].shape[0]))
+        return model, payload
+
+    real = classify.load_embedder
+    monkeypatch.setattr(classify, "load_embedder", spy)
+    cfg = ClassifyConfig(embedder=str(base["embed"]), run_dir=str(tmp_path / "cls"), epochs=3, batch_size=16,
+                         num_workers=0, tracker="none", progress=False, cache_embeddings=cache)
+    with make_tracker(enabled=True, kind="none", run_dir=cfg.run_dir, config={}, project="test") as tracker:
+        summary = classify.fit_head(cfg, Accelerator(cpu=True), tracker)
+    steps_per_epoch = 72 // 16
+    assert summary["steps"] == 3 * steps_per_epoch and summary["epochs"] == 3
+    from toolkit.data.shards import read_info
+
+    n_val = read_info(base["shards"])["splits"]["val"]["num_samples"]
+    train_seen = sum(embedded) - n_val
+    assert train_seen == (1 if cache else 3) * steps_per_epoch * 16
+    assert summary["best_val_accuracy"] > 0.5  # replayed epochs still train the head
+
+
 def test_head_reaches_high_accuracy_and_logs_curves(tmp_path_factory):
     run_dir = shared_classify_run(tmp_path_factory)  # launch/classify.py, 8 epochs, 1 process
     payload = safe_load(run_dir / "best_head.pt")

@@ -248,6 +248,9 @@ class ClassifyConfig:
     max_steps: int = 0
     knn_k: int = 13
     eval_batch_size: int = 512
+    # Embed each process's train share once (epoch 1) and reshuffle those embeddings in later
+    # epochs: the embedder is frozen and there is no augmentation, so they never change.
+    cache_embeddings: bool = True
     run_dir: str = "runs/classify"
     overwrite: bool = False
     precision: Precision = "auto"

@@ -13,6 +13,9 @@ prepared either: ShardStream already splits by rank with equal batch counts (DES
 The validation split is embedded once (the embedder is frozen, so its embeddings never
 change): every rank embeds its share, rank 0 assembles them and, after each epoch, scores
 the head on them (accuracy, NLL), keeping the best head in ``run_dir/best_head.pt``.
+Likewise each rank keeps the train embeddings of its first epoch (``cache_embeddings``, on
+the CPU: N / world × D floats) and replays them, reshuffled, in later epochs, so the
+embedder runs once over the train split instead of once per epoch.
 """
 from __future__ import annotations
 
@@ -165,6 +168,30 @@ def fit_head(cfg: ClassifyConfig, accelerator, tracker) -> dict:
             )
         accelerator.wait_for_everyone()
 
+    # --- train batches: streamed and embedded, or replayed from the first epoch's embeddings ----
+    cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # this process's epoch-1 batches, on the CPU
+
+    def epoch_batches(epoch: int):
+        if len(cache) == steps_per_epoch:  # complete: replay, reshuffled per (seed, epoch, rank)
+            emb_all, y_all = torch.cat([e for e, _ in cache]), torch.cat([y for _, y in cache])
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 7_919 + rank)
+            perm = torch.randperm(len(y_all), generator=gen)
+            for i in range(steps_per_epoch):  # the same number of batches on every rank
+                idx = perm[i * batch_size : (i + 1) * batch_size]
+                yield emb_all[idx].to(device, non_blocking=True), y_all[idx].to(device, non_blocking=True)
+            return
+        fresh = []
+        for _, images, labels in make_loader(stream, num_workers=cfg.num_workers, epoch=epoch):
+            x = to_model_input(images.to(device, non_blocking=True), input_size=input_size)  # (B, C, S, S)
+            y = labels.to(device, non_blocking=True)  # (B,)
+            with torch.no_grad(), accelerator.autocast():
+                emb = embedder(x).float()  # (B, D), no graph: nothing flows back into the embedder
+            if cfg.cache_embeddings:
+                fresh.append((emb.cpu(), y.cpu()))
+            yield emb, y
+        if cfg.cache_embeddings and len(fresh) == steps_per_epoch:
+            cache[:] = fresh
+
     # --- train ---------------------------------------------------------------------------------
     start = time.time()
     bar = progress(total=total_steps, desc="classify", enabled=main and cfg.progress, unit="step")
@@ -175,11 +202,7 @@ def fit_head(cfg: ClassifyConfig, accelerator, tracker) -> dict:
         # measured with dropout on (train mode), as Keras-style training curves are.
         sums = torch.zeros(3, device=device)  # float32: exact counts up to 2^24, and MPS has no float64
         epoch_step = 0
-        for _, images, labels in make_loader(stream, num_workers=cfg.num_workers, epoch=epoch):
-            x = to_model_input(images.to(device, non_blocking=True), input_size=input_size)  # (B, C, S, S)
-            y = labels.to(device, non_blocking=True)  # (B,)
-            with torch.no_grad(), accelerator.autocast():
-                emb = embedder(x)  # (B, D), no graph: nothing flows back into the embedder
+        for emb, y in epoch_batches(epoch):  # (B, D) frozen embeddings, (B,) labels
             with accelerator.autocast():
                 logp = head(emb.float())  # (B, C) log-probabilities
             loss = loss_fn(logp.float(), y)
