@@ -37,15 +37,14 @@ def main(argv: list[str]) -> int:
     # 2. Accelerator: created here and nowhere else.
     from accelerate.utils import set_seed
 
-    from toolkit.engine.accelerator import make_accelerator
+    from toolkit.engine.accelerator import make_accelerator, start_tracker
     from toolkit.engine.classify import clear_run_dir, fit_head
+    from toolkit.inference import HEAD_FILE
 
     accelerator = make_accelerator(precision=cfg.precision, collective_timeout_s=cfg.collective_timeout_s)
     set_seed(cfg.seed)  # same initial head on every rank
 
     # 3. Tracking on rank 0 only; a rerun with overwrite=true starts from a clean folder.
-    from toolkit.engine.accelerator import start_tracker
-
     run_dir = Path(cfg.run_dir)
     if accelerator.is_main_process and cfg.overwrite:
         clear_run_dir(run_dir)
@@ -66,7 +65,7 @@ def main(argv: list[str]) -> int:
             if accelerator.is_main_process:
                 from toolkit.report import write_report
 
-                tracker.log_artifact(run_dir / "best_head.pt", name="classifier", type="model", metadata=summary)
+                tracker.log_artifact(run_dir / HEAD_FILE, name="classifier", type="model", metadata=summary)
                 report = write_report(
                     run_dir, tracker=tracker, device=accelerator.device, k=cfg.knn_k,
                     batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers,

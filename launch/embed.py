@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
     #    `accelerate launch` says so; precision auto = bf16/fp16 on GPUs, fp32 on CPU).
     from accelerate.utils import set_seed
 
-    from toolkit.engine.accelerator import make_accelerator
+    from toolkit.engine.accelerator import make_accelerator, start_tracker
     from toolkit.engine.embed import fit
     from toolkit.engine.failures import failure_line, main_thread, sigterm_raises
 
@@ -50,8 +50,6 @@ def main(argv: list[str]) -> int:
     set_seed(cfg.seed)  # same initial weights on every rank; data order is seeded separately
 
     # 3. Tracking on rank 0 only (W&B offline unless logged in).
-    from toolkit.engine.accelerator import start_tracker
-
     run_dir = Path(cfg.run_dir)
     tracker = start_tracker(
         accelerator, kind=cfg.tracker, run_dir=run_dir, config=to_dict(cfg), project=cfg.project,

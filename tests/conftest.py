@@ -106,6 +106,16 @@ def craft_shards(
     return truth
 
 
+def write_tar(path: str | Path, members: dict[str, dict[str, bytes]]) -> None:
+    """Inverse of :func:`read_tar_samples`: {key: {ext: bytes}} -> a tar of ``key.ext`` members."""
+    with tarfile.open(path, "w") as tar:
+        for key, files in members.items():
+            for ext, data in files.items():
+                ti = tarfile.TarInfo(f"{key}.{ext}")
+                ti.size = len(data)
+                tar.addfile(ti, io.BytesIO(data))
+
+
 def read_tar_samples(path: str | Path) -> dict[str, dict[str, bytes]]:
     """Group a tar's members by key (text before the first dot): {key: {ext: bytes}}."""
     out: dict[str, dict[str, bytes]] = {}

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from classify_helpers import ROOT, make_separable_folder, run_launch, shard, shared_classify_run, shared_embed_run
 from conftest import free_port

@@ -23,6 +23,7 @@ from PIL import Image
 from toolkit.checkpoint import safe_load
 from toolkit.config import EmbedConfig, load_config
 from toolkit.engine.embed import build_scheduler, resolve_precision
+from toolkit.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "embed.py"
@@ -92,10 +93,6 @@ def launch_python(*args, cwd: Path, timeout: float = RUN_TIMEOUT_S) -> subproces
         [sys.executable, str(LAUNCH), *map(str, args)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, timeout=timeout, env=run_env(),
     )
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def train_steps(records: list[dict]) -> list[int]:

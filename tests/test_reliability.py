@@ -38,7 +38,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import craft_shards, free_port, make_image_folder, read_tar_samples
+from conftest import craft_shards, free_port, make_image_folder, read_tar_samples, write_tar
 from test_embed import LAUNCH, make_quadrant_shards, read_metrics, run_env, step_files, train_steps, write_config
 from test_embed_launch import ACCELERATE, finish, kill_tree
 from toolkit.checkpoint import CheckpointError, CheckpointManager, safe_load
@@ -118,15 +118,6 @@ def error_lines(text: str) -> list[str]:
 
 def all_finite(state_dict: dict) -> bool:
     return all(torch.isfinite(v).all() for v in state_dict.values() if torch.is_tensor(v) and v.is_floating_point())
-
-
-def write_tar(path: Path, members: dict[str, dict[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for key, files in members.items():
-            for ext, data in files.items():
-                ti = tarfile.TarInfo(f"{key}.{ext}")
-                ti.size = len(data)
-                tar.addfile(ti, io.BytesIO(data))
 
 
 @pytest.fixture(scope="module")

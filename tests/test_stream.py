@@ -4,14 +4,12 @@ from __future__ import annotations
 import itertools
 import json
 import random
-import warnings
 from collections import Counter
 
-import pandas as pd
 import pytest
 import torch
 
-from conftest import craft_shards, make_image_folder, read_tar_samples
+from conftest import craft_shards, make_image_folder, read_tar_samples, write_tar
 from toolkit.data.folder import DataError
 from toolkit.data.shards import read_info, write_shards
 from toolkit.data.stream import ShardStream, assign_shards, make_loader, pk_shape
@@ -197,18 +195,10 @@ def test_unreachable_pk_raises_instead_of_spinning(tmp_path):
 def test_corrupt_sample_skipped_with_warning_or_raised_when_strict(tmp_path):
     folder = tmp_path / "bad"
     keys = craft_shards(folder, {"val": [5]}, num_classes=2)["val"]
-    import io
-    import tarfile
-
     path = folder / "val-000000.tar"
     members = read_tar_samples(path)
     members[keys[2][0]]["png"] = b"not a png"
-    with tarfile.open(path, "w") as tar:
-        for key, files in members.items():
-            for ext, data in files.items():
-                ti = tarfile.TarInfo(f"{key}.{ext}")
-                ti.size = len(data)
-                tar.addfile(ti, io.BytesIO(data))
+    write_tar(path, members)
     with pytest.warns(UserWarning, match="skipping unreadable"):
         seen = [k for ks, _, _ in make_loader(ShardStream(folder, split="val", mode="eval"), num_workers=0) for k in ks]
     assert sorted(seen) == sorted(k for k, _ in keys if k != keys[2][0])

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import free_port, make_image_folder
-from toolkit.config import ClassifyConfig, EmbedConfig, _field_types
+from toolkit.config import _field_types, load_config
 from toolkit.data.shards import write_shards
 from toolkit.sweep import STAGES, expand_command, load_sweep, sample_parameters, stage_of
 
@@ -37,8 +36,6 @@ def test_sweep_file_metric_and_parameters_are_real(path):
     base = yaml.safe_load((ROOT / spec["command"][spec["command"].index("--config") + 1]).read_text())
     for seed in range(20):
         params = sample_parameters(spec, seed=seed)
-        from toolkit.config import load_config
-
         load_config(cfg_cls, None, {**base, **params})
 
 

@@ -143,9 +143,9 @@ def demo(*, shards: str = "shards/digits", runs: str = "runs", overwrite: bool =
     )
     if rc:
         sys.exit(rc)
-    import json
+    from toolkit.report import load_report
 
-    report = json.loads((classify_dir / "report.json").read_text())
+    report = load_report(classify_dir)
     print()
     print(f"| validation split ({report['num_samples']} images) | accuracy |")
     print("|---|---:|")
@@ -333,6 +333,7 @@ def _check_flags(argv: list[str]) -> None:
     known = set(params)
     positional = [k for k, p in params.items() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
     options = ", ".join("--" + k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
+    varargs = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params.values())
 
     def takes_value(name: str) -> bool:
         return not isinstance(params[name].default, bool)
@@ -357,7 +358,7 @@ def _check_flags(argv: list[str]) -> None:
                 i += 1  # `--flag value`
         else:
             n_positional += 1
-            if n_positional > len(positional) and not any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params.values()):
+            if n_positional > len(positional) and not varargs:
                 raise ConfigError(f"toolkit {argv[0]}: unexpected argument {tok!r} (takes {len(positional)}: {' '.join(p.upper() for p in positional)})")
         i += 1
 

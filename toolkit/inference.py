@@ -52,7 +52,6 @@ __all__ = [
 
 EMBEDDER_FILE = "best_embedder.pt"
 HEAD_FILE = "best_head.pt"
-Method = Literal["knn", "head", "both"]
 
 
 # --------------------------------------------------------------------------- locating runs
@@ -194,31 +193,22 @@ def _brief(names: list[str], n: int = 8) -> str:
     return "[" + ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "") + "]"
 
 
-@torch.no_grad()
 def knn_predict(
     ref: torch.Tensor, ref_labels: torch.Tensor, queries: torch.Tensor, *, k: int, num_classes: int, block: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Majority vote of the ``k`` nearest references (Euclidean) -> (pred (Q,), vote share (Q,)).
+    """Majority vote of the ``k`` nearest references (Euclidean) -> (pred (Q,), vote share (Q,)), on the CPU.
 
-    ``ref`` (N, D), ``ref_labels`` (N,), ``queries`` (Q, D). Ties go to the smallest class
-    index, as in scikit-learn. Blockwise: memory O(block × N).
+    ``ref`` (N, D), ``ref_labels`` (N,) class indices, ``queries`` (Q, D). The work is
+    :func:`toolkit.knn.knn_predict` (exact, scikit-learn's tie rules: the smallest class wins
+    a vote tie); ``num_classes`` is accepted for the callers' convenience and not needed.
     """
-    ref = ref.float()
-    ref_labels = ref_labels.long().to(ref.device)
-    k = min(k, ref.shape[0])
-    preds, shares = [], []
-    for s in range(0, queries.shape[0], block):
-        # Exact differences, not the |a|²+|b|²-2ab matmul shortcut: close unit vectors (distances
-        # ~1e-4) would all round to 0 there and the neighbour order become arbitrary.
-        d = torch.cdist(queries[s : s + block].float().to(ref.device), ref, compute_mode="donot_use_mm_for_euclid_dist")  # (b, N)
-        idx = d.topk(k, dim=1, largest=False).indices  # (b, k)
-        votes = F.one_hot(ref_labels[idx], num_classes).sum(1)  # (b, C)
-        top, pred = votes.max(1)  # first maximum = smallest class index on ties
-        preds.append(pred)
-        shares.append(top.float() / k)
-    if not preds:
+    from toolkit.knn import knn_predict as exact_knn
+
+    if queries.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0)
-    return torch.cat(preds).cpu(), torch.cat(shares).cpu()
+    k = min(k, ref.shape[0])
+    pred, votes = exact_knn(ref.float(), ref_labels.long().to(ref.device), queries.float().to(ref.device), k=k, block=block)
+    return pred.cpu(), (votes.float() / k).cpu()
 
 
 # --------------------------------------------------------------------------- splits
@@ -338,29 +328,16 @@ def split_metrics(result: SplitResult) -> dict:
     return m
 
 
-def evaluate(
-    run,
-    shards: str | Path | None = None,
-    split: str = "val",
-    method: str | None = None,
-    *,
-    k: int | None = None,
-    reference: Literal["auto", "index", "train"] = "auto",
-    device=None,
-    batch_size: int = 512,
-    num_workers: int = 0,
-) -> dict:
+def evaluate(run, shards: str | Path | None = None, split: str = "val", method: str | None = None, **options) -> dict:
     """Accuracy of kNN and/or the head on ``split`` of ``shards`` -> metrics dict.
 
-    ``reference`` picks the kNN votes' source, as in :func:`run_split`.
+    Takes :func:`run_split`'s arguments (``k``, ``reference``, ``device``, ``batch_size``,
+    ``num_workers`` as keywords).
     Keys: shards, split, num_samples, num_classes; knn_k, knn_reference, knn_accuracy,
     knn_per_class (with kNN); head_accuracy, head_loss (NLL), head_per_class (with a head).
     Raises DataError naming the difference when the shards' classes are not the model's.
     """
-    result = run_split(
-        run, shards, split, method, k=k, reference=reference, device=device, batch_size=batch_size, num_workers=num_workers
-    )
-    return split_metrics(result)
+    return split_metrics(run_split(run, shards, split, method, **options))
 
 
 # --------------------------------------------------------------------------- predict
@@ -410,11 +387,11 @@ def predict(
         raise DataError(f"method must be knn or head, got {method!r}")
     run = _as_run(run)
     dev = _device(device)
+    if method == "knn" and not run.has_index:
+        raise DataError(f"{run.embedder_path} holds no reference index for kNN; use method=head")
     pre = preprocess_params(run, shards)
     model = build_frozen_embedder(run.embedder, dev)
     input_size = run.embedder["config"]["input_size"]
-    if method == "knn" and not run.has_index:
-        raise DataError(f"{run.embedder_path} holds no reference index for kNN; use method=head")
     head = load_head(run, dev)[0] if method == "head" else None
     if method == "knn":
         ref = run.embedder["index"]["embeddings"].float().to(dev)  # (N, D) saved train embeddings

@@ -53,9 +53,8 @@ SUB = 64
 _REFINE_ELEMENTS = 1 << 20
 
 
-def _as_tensor(x, dtype=None) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else torch.as_tensor(x)
-    return t if dtype is None else t.to(dtype)
+def _as_tensor(x) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else torch.as_tensor(x)
 
 
 def _unit_roundoff() -> float:
@@ -214,8 +213,8 @@ def knn_neighbors(train_emb, query_emb, *, k: int = 13, block: int | None = None
     rb = max(1, _REFINE_ELEMENTS // (c * dim))  # refine rows at a time: float64 temporaries of ~8 MB
     for s in range(0, query.shape[0], b):
         cand_d32, cand = _screen(train_aug, query_aug[s : s + b].contiguous(), c, buf)  # (b, c)
-        cand, perm = cand.sort(dim=1)  # candidates by train index, so a stable sort keeps index order
-        worst32 = cand_d32.gather(1, perm).max(dim=1).values  # every non-candidate screened >= this
+        cand, _ = cand.sort(dim=1)  # candidates by train index, so a stable sort keeps index order
+        worst32 = cand_d32.max(dim=1).values  # every non-candidate screened >= this
         nb = cand.shape[0]
         for r in range(0, nb, rb):
             e = min(nb, r + rb)
@@ -245,7 +244,7 @@ def knn_predict(
         train_labels: (N,) integer labels.
         query_emb: (Q, D) embeddings to classify.
         k: neighbours that vote (capped at N, like the validator does).
-        block: queries per block; default sized so the (block, N) distance screen is ~128 MB.
+        block: queries per block (default ``DEFAULT_BLOCK``); memory O(block × TRAIN_CHUNK).
 
     Returns:
         ``(pred, votes)``: ``pred`` (Q,) predicted labels (values of ``train_labels``),

@@ -95,7 +95,7 @@ def _triplet_loss(emb, labels, margin, strategy, squared):
     # Small batches: one dense (B, B) matrix serves mining and the gradient (few, BLAS-bound
     # kernels). Large ones: mine block by block and differentiate only the chosen pairs.
     dense = pairwise_distances(emb, squared=squared) if B * B <= _DENSE_MAX_ELEMENTS else None
-    mined = _mine(emb.detach(), labels, strategy, squared, dist=None if dense is None else dense.detach())
+    mined = _mine(emb.detach(), labels, strategy, squared, dense=None if dense is None else dense.detach())
     anchor, positive, negative = mined  # (N,) each
     num_pairs = anchor.numel()
     if num_pairs == 0:
@@ -183,11 +183,11 @@ def _block_distances(emb: torch.Tensor, sq_norm: torch.Tensor, rows: slice, squa
 
 
 @torch.no_grad()
-def _mine(emb, labels, strategy, squared, dist=None):
+def _mine(emb, labels, strategy, squared, dense=None):
     """(anchor, positive, negative) index lists, one triplet per anchor-positive pair.
 
     Decisions are discrete and made on detached distances, a block of anchors at a time
-    (rows of ``dist`` (B, B) when given, else computed per block); anchors without a
+    (rows of ``dense`` (B, B) when given, else computed per block); anchors without a
     negative are dropped (they form no triplet).
     """
     B = emb.shape[0]
@@ -195,7 +195,7 @@ def _mine(emb, labels, strategy, squared, dist=None):
     M = cols.shape[1]
     if M == 0:  # every class is a singleton: no anchor-positive pair
         return cols.new_empty(0), cols.new_empty(0), cols.new_empty(0)
-    sq_norm = emb.pow(2).sum(dim=1)  # (B,)
+    sq_norm = emb.pow(2).sum(dim=1) if dense is None else None  # (B,), for _block_distances
     scan = strategy == "semihard" and M <= _SCAN_MAX_POSITIVES
     per_row = B * (M if scan else 1)
     budget = _BLOCK_ELEMENTS * (_GPU_BLOCK_FACTOR if emb.device.type == "cuda" else 1)
@@ -205,7 +205,7 @@ def _mine(emb, labels, strategy, squared, dist=None):
     inf = float("inf")
     for start in range(0, B, block):
         rows = slice(start, min(B, start + block))
-        d = dist[rows] if dist is not None else _block_distances(emb, sq_norm, rows, squared)  # (c, B)
+        d = dense[rows] if dense is not None else _block_distances(emb, sq_norm, rows, squared)  # (c, B)
         is_neg = labels[rows, None] != labels[None, :]  # (c, B)
         has_neg[rows] = is_neg.any(dim=1)
         neg_d = d.masked_fill(~is_neg, inf)  # (c, B): non-negatives pushed to +inf

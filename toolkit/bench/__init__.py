@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import sys
 from typing import Any, Callable
 
 from toolkit.config import ConfigError
@@ -73,6 +74,29 @@ def require_ints(what: str, specs) -> None:
     for name, value, low in specs:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"toolkit bench {what}: --{name} must be an integer >= {low}, got {value!r}")
+
+
+def log(msg: str) -> None:
+    """Progress lines go to stderr, so stdout holds only the table (or JSON)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cores() -> int:
+    """CPU cores this process may use (what `nproc` prints)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def write_json(out: str, report: dict) -> None:
+    """Writes ``report`` to ``out`` atomically and says so on stdout."""
+    from toolkit.checkpoint import atomic_write_json
+
+    atomic_write_json(out, report)
+    print(f"\nwrote {out}")
 
 
 def data_root():

@@ -21,14 +21,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from toolkit.config import ConfigError
+from toolkit.bench import data_root, log, require_ints
 
 # Dense peak TFLOP/s per GPU (vendor data sheets; SXM parts unless named). Matched by
 # substring of torch.cuda.get_device_name(), first match wins (so "H100 PCIe" before "H100").
@@ -50,10 +47,6 @@ def peak_for(name: str) -> dict[str, float | None] | None:
         if key.lower() in name.lower():
             return dict(peak)
     return None
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _emit(report: dict, out: str) -> None:
@@ -149,13 +142,11 @@ def bench_train(*, dtype: str, compiled: bool, batch_size: int, K: int, input_si
 def bench_loader(*, batch_size: int, workers: int, batches: int, input_size: int, seed: int,
                  device: str = "cuda") -> dict:
     """Shards -> uint8 batches (workers) -> GPU -> to_model_input at input_size; images/s."""
-    from toolkit.bench.scaling import digits_shards
+    from toolkit.bench.loader import digits_shards
     from toolkit.data.stream import ShardStream, make_loader
     from toolkit.data.transforms import to_model_input
 
-    cache = os.environ.get("TOOLKIT_CACHE")
-    root = Path(cache).expanduser() / "bench" if cache else Path(tempfile.mkdtemp(prefix="toolkit-bench-"))
-    root.mkdir(parents=True, exist_ok=True)
+    root, temporary = data_root()
     try:
         shards = digits_shards(root, seed=seed)
         stream = ShardStream(shards, split="train", mode="train", batching="random", batch_size=batch_size, seed=seed)
@@ -170,7 +161,7 @@ def bench_loader(*, batch_size: int, workers: int, batches: int, input_size: int
         _sync(dev)
         elapsed = time.perf_counter() - t0
     finally:
-        if not cache:
+        if temporary:
             shutil.rmtree(root, ignore_errors=True)
     return {"data": "digits shards (32×32 grey PNG)", "workers": workers, "batch_size": batch_size, "images": n,
             "seconds": elapsed, "images_per_s": n / elapsed, "startup_included": True,
@@ -206,11 +197,9 @@ def main(
         seed: weights and data seed.
         out: optional JSON output file (written atomically).
     """
-    for name, value, low in (("batch_size", batch_size, 2), ("K", K, 2), ("input_size", input_size, 1),
-                             ("warmup", warmup, 0), ("steps", steps, 1), ("loader_batches", loader_batches, 1),
-                             ("workers", workers, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"toolkit bench gpu: --{name} must be an integer >= {low}, got {value!r}")
+    require_ints("gpu", (("batch_size", batch_size, 2), ("K", K, 2), ("input_size", input_size, 1),
+                         ("warmup", warmup, 0), ("steps", steps, 1), ("loader_batches", loader_batches, 1),
+                         ("workers", workers, 0)))
     report: dict = {"benchmark": "gpu", "torch": torch.__version__}
     if not torch.cuda.is_available():
         report.update(skipped=True, reason="no CUDA device: torch.cuda.is_available() is False")
@@ -256,7 +245,7 @@ def main(
         report["train"].append(res)
         torch.cuda.empty_cache()  # this configuration's model and optimizer are gone
         torch.cuda.reset_peak_memory_stats()
-        _log(f"  {dtype} {'compiled' if compiled else 'eager':8s}: "
+        log(f"  {dtype} {'compiled' if compiled else 'eager':8s}: "
              + (f"{res['images_per_s']:,.0f} images/s" if "images_per_s" in res else res.get("error", "")))
 
     if loader:

@@ -16,12 +16,12 @@ identical: the agreement fraction is printed and anything below 1 fails the benc
 """
 from __future__ import annotations
 
-import sys
 import time
 
 import numpy as np
 import torch
 
+from toolkit.bench import log, write_json
 from toolkit.config import ConfigError
 
 DEFAULT_SIZES = "10000,100000"
@@ -53,10 +53,6 @@ def _sklearn(train, y, queries, k):
     clf = KNeighborsClassifier(n_neighbors=min(k, len(y)))
     clf.fit(train, y)
     return clf.predict(queries)
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def main(
@@ -115,7 +111,7 @@ def main(
             pred = sides[side](train, y, queries, k)
             times[side].append(time.perf_counter() - t)
             preds[side] = pred
-            _log(f"  N={n:,} {side:7s}: {times[side][-1]:.2f} s")
+            log(f"  N={n:,} {side:7s}: {times[side][-1]:.2f} s")
         agree = float((preds["toolkit"] == preds["sklearn"]).mean())
         a, b = min(times["toolkit"]), min(times["sklearn"])
         rows.append({
@@ -146,10 +142,7 @@ def main(
     report = {"benchmark": "knn", "k": k, "dim": dim, "classes": classes, "threads": torch.get_num_threads(),
               "repeats": repeats, "rows": rows}
     if out:
-        from toolkit.checkpoint import atomic_write_json
-
-        atomic_write_json(out, report)
-        print(f"\nwrote {out}")
+        write_json(out, report)
     bad = [r for r in rows if r["mismatches"]]
     if bad:
         raise RuntimeError(

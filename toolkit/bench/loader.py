@@ -31,7 +31,6 @@ import math
 import os
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -41,7 +40,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from toolkit.bench import data_root, require_ints
+from toolkit.bench import cores, data_root, log, require_ints, write_json
 from toolkit.config import ConfigError
 
 SIZES = ("camera", "small")
@@ -205,6 +204,16 @@ def _shards_for(folder: Path, out: Path, *, seed: int) -> dict:
     )
 
 
+def digits_shards(root: Path, *, seed: int = 0) -> Path:
+    """The demo's digits shards (32×32 grey) under ``root``, built once and re-used."""
+    from toolkit.data.datasets import write_digits_folder
+
+    folder = write_digits_folder(root / "digits")
+    out = root / "digits-shards32"
+    _shards_for(folder, out, seed=seed)
+    return out
+
+
 def build_data(kind: str, root: Path, *, per_class: int, seed: int) -> tuple[Path, Path, dict]:
     """(originals folder, shard folder, shard info) for data set ``kind``."""
     from toolkit.data.datasets import write_camera_folder, write_chars_folder
@@ -212,20 +221,21 @@ def build_data(kind: str, root: Path, *, per_class: int, seed: int) -> tuple[Pat
     t0 = time.perf_counter()
     if kind == "camera":
         n = CAMERA_CLASSES * per_class
-        _log(f"camera originals: {n} RGB PNGs 1200×900 ...")
+        log(f"camera originals: {n} RGB PNGs 1200×900 ...")
         folder = write_camera_folder(
             root / f"camera-{CAMERA_CLASSES}x{per_class}-s{seed}", num_classes=CAMERA_CLASSES, per_class=per_class,
             seed=seed, progress=False,
         )
     else:
-        _log(f"small originals: {62 * per_class} grey PNGs {SMALL_SIDE}×{SMALL_SIDE} ...")
+        log(f"small originals: {62 * per_class} grey PNGs {SMALL_SIDE}×{SMALL_SIDE} ...")
         folder = write_chars_folder(
             root / f"chars-{per_class}-{SMALL_SIDE}px-s{seed}", per_class=per_class, size=SMALL_SIDE, seed=seed,
             progress=False,
         )
-    info = _shards_for(folder, root / f"{folder.name}-shards{IMAGE_SIZE}", seed=seed)
-    _log(f"  ready in {time.perf_counter() - t0:.1f} s ({folder})")
-    return folder, root / f"{folder.name}-shards{IMAGE_SIZE}", info
+    shards = root / f"{folder.name}-shards{IMAGE_SIZE}"
+    info = _shards_for(folder, shards, seed=seed)
+    log(f"  ready in {time.perf_counter() - t0:.1f} s ({folder})")
+    return folder, shards, info
 
 
 # --------------------------------------------------------------------------- machine and report
@@ -240,21 +250,13 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    try:
-        nproc = len(os.sched_getaffinity(0))  # what `nproc` prints
-    except AttributeError:  # pragma: no cover - not Linux
-        nproc = os.cpu_count() or 1
-    info = {"nproc": nproc, "cpu": cpu, "torch": torch.__version__, "python": platform.python_version()}
+    info = {"nproc": cores(), "cpu": cpu, "torch": torch.__version__, "python": platform.python_version()}
     for mod in ("torchvision", "PIL", "webdataset"):
         try:
             info[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001
             info[mod] = "?"
     return info
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _originals_cell(o: dict) -> str:
@@ -366,10 +368,7 @@ def main(
     )
     print(format_table(results))
     if out:
-        from toolkit.checkpoint import atomic_write_json
-
-        atomic_write_json(out, report)
-        print(f"\nwrote {out}")
+        write_json(out, report)
     return report
 
 
@@ -402,7 +401,7 @@ def _bench_one(kind: str, folder: Path, shards: Path, info: dict, *, batch_size:
     for name, make in order:
         res = time_side(make, num_batches)
         runs[name].append(res)
-        _log(f"  {kind} {name:7s}: {res['samples']} samples in {res['seconds']:.2f} s "
+        log(f"  {kind} {name:7s}: {res['samples']} samples in {res['seconds']:.2f} s "
              f"({res['samples_per_s']:,.0f}/s, first batch after {res['first_batch_s']:.2f} s)")
 
     def best(name: str) -> dict:

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from toolkit.bench import data_root, require_ints
+from toolkit.bench import cores, data_root, log, require_ints, write_json
 from toolkit.config import ConfigError
 
 WORKER = Path(__file__).with_name("_scaling_worker.py")
@@ -50,28 +50,6 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def digits_shards(root: Path, *, seed: int = 0) -> Path:
-    """The demo's digits shards (32×32 grey) under ``root``, built once and re-used."""
-    from toolkit.bench.loader import _shards_for
-    from toolkit.data.datasets import write_digits_folder
-
-    folder = write_digits_folder(root / "digits")
-    out = root / "digits-shards32"
-    _shards_for(folder, out, seed=seed)
-    return out
 
 
 def launch(processes: int, worker_args: list[str], out: Path, *, threads: int, timeout: float) -> dict:
@@ -159,25 +137,27 @@ def main(
 
     root, temporary = data_root()
     work = Path(tempfile.mkdtemp(prefix="toolkit-scaling-"))
-    cores = _cores()
+    n_cores = cores()
     try:
         worker_args = ["--data", data, "--batch_size", str(batch_size), "--K", str(K), "--input_size",
                        str(input_size), "--warmup", str(warmup), "--steps", str(steps), "--seed", str(seed)]
         if data == "digits":
             t0 = time.perf_counter()
+            from toolkit.bench.loader import digits_shards
+
             shards = digits_shards(root, seed=seed)
-            _log(f"digits shards ready in {time.perf_counter() - t0:.1f} s ({shards})")
+            log(f"digits shards ready in {time.perf_counter() - t0:.1f} s ({shards})")
             worker_args += ["--shards", str(shards)]
         runs: dict[int, list[dict]] = {1: [], processes: []}
         order = []
         for r in range(repeats):
             order += [1, processes] if r % 2 == 0 else [processes, 1]
         for n in order:
-            threads = max(1, cores // n)
+            threads = max(1, n_cores // n)
             t0 = time.perf_counter()
             res = launch(n, worker_args, work / f"p{n}.json", threads=threads, timeout=timeout)
             runs[n].append(res)
-            _log(f"  {n} process(es) x {threads} thread(s): {res['images_per_s']:,.1f} images/s, "
+            log(f"  {n} process(es) x {threads} thread(s): {res['images_per_s']:,.1f} images/s, "
                  f"{res['step_ms']:.1f} ms/step (launch {time.perf_counter() - t0:.0f} s)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -190,7 +170,7 @@ def main(
     print("## toolkit bench scaling\n")
     print(
         f"ZFNet at {input_size}×{input_size}, {data} data, {one['global_batch']} images per process per step "
-        f"(P×K, K={K}), semi-hard mining over the global batch, Adam, fp32, CPU; {cores} cores split evenly "
+        f"(P×K, K={K}), semi-hard mining over the global batch, Adam, fp32, CPU; {n_cores} cores split evenly "
         f"between the processes; {processes} processes = `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
         f"--num_processes {processes}` (gloo, DDP). {warmup} warm-up + {steps} timed steps per launch, best of "
         f"{repeats} launch(es) per side, alternating. Phase times are means over steps and ranks; a barrier "
@@ -198,14 +178,11 @@ def main(
     )
     print(format_table(one, many).replace("2 processes", f"{processes} processes"))
     print(
-        f"\nimages/s, {processes} processes vs 1: {ratio:.2f}× (same {cores} cores; each process mines the "
+        f"\nimages/s, {processes} processes vs 1: {ratio:.2f}× (same {n_cores} cores; each process mines the "
         f"{processes}× larger global batch)"
     )
-    report = {"benchmark": "scaling", "cores": cores, "data": data, "batch_size_per_process": one["global_batch"],
+    report = {"benchmark": "scaling", "cores": n_cores, "data": data, "batch_size_per_process": one["global_batch"],
               "one": one, "many": many, "processes": processes, "ratio": ratio, "runs": runs}
     if out:
-        from toolkit.checkpoint import atomic_write_json
-
-        atomic_write_json(out, report)
-        print(f"\nwrote {out}")
+        write_json(out, report)
     return report

@@ -21,12 +21,12 @@ it (it resists load swings on a shared machine). Target: toolkit ≥ 0.95× plai
 from __future__ import annotations
 
 import copy
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+from toolkit.bench import log, require_ints, write_json
 from toolkit.config import ConfigError
 
 TARGET = 0.95
@@ -43,10 +43,6 @@ def make_batches(count: int, *, batch_size: int, K: int, channels: int, size: in
         labels = torch.cat([labels, torch.arange(batch_size - P * K)])  # a remainder: singletons
         out.append((images, labels[torch.randperm(batch_size, generator=g)]))
     return out
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def main(
@@ -80,11 +76,9 @@ def main(
         device: auto (cuda if present), cpu or cuda.
         out: optional JSON output file (written atomically).
     """
-    for name, value, low in (("batch_size", batch_size, 2), ("K", K, 2), ("input_size", input_size, 1),
-                             ("image_size", image_size, 1), ("warmup", warmup, 0), ("steps", steps, 1),
-                             ("repeats", repeats, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"toolkit bench step: --{name} must be an integer >= {low}, got {value!r}")
+    require_ints("step", (("batch_size", batch_size, 2), ("K", K, 2), ("input_size", input_size, 1),
+                          ("image_size", image_size, 1), ("warmup", warmup, 0), ("steps", steps, 1),
+                          ("repeats", repeats, 1)))
     if K > batch_size:
         raise ConfigError(f"toolkit bench step: --K {K} is larger than --batch_size {batch_size}")
     if precision not in ("fp32", "bf16"):
@@ -151,7 +145,7 @@ def main(
     for r in range(repeats):
         for name in (("toolkit", "plain") if r % 2 == 0 else ("plain", "toolkit")):
             times[name].append(block(sides[name], steps))
-            _log(f"  {name:7s}: {steps * batch_size / times[name][-1]:,.1f} images/s")
+            log(f"  {name:7s}: {steps * batch_size / times[name][-1]:,.1f} images/s")
 
     rate = {name: steps * batch_size / min(t) for name, t in times.items()}
     ratio = rate["toolkit"] / rate["plain"]
@@ -188,8 +182,5 @@ def main(
         "ratio": ratio, "median_paired_ratio": paired, "target": TARGET, "meets_target": ratio >= TARGET,
     }
     if out:
-        from toolkit.checkpoint import atomic_write_json
-
-        atomic_write_json(out, report)
-        print(f"\nwrote {out}")
+        write_json(out, report)
     return report

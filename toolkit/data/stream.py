@@ -156,6 +156,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             self.P, self.K = 0, 0
         self.shuffle_buffer, self.seed, self.strict = shuffle_buffer, seed, strict
         self.epoch = 0
+        self._skipped = 0  # unreadable samples skipped (per loader worker: each holds a copy)
+        self._warned: set = set()  # (where, what) already warned about
 
     # --- sizing ---------------------------------------------------------------------------
     @property
@@ -190,8 +192,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise DataError(f"corrupt shard data in {where} ({what}); strict_data is on") from exn
         # Per loader worker (each holds a copy). Train mode re-reads the same damage every
         # pass: count every skip, warn once per distinct problem.
-        self._skipped = getattr(self, "_skipped", 0) + 1
-        warned = self.__dict__.setdefault("_warned", set())
+        self._skipped += 1
+        warned = self._warned
         if (where, what) not in warned:
             warned.add((where, what))
             warnings.warn(f"skipping unreadable data in {where} ({self._skipped} skipped so far by this loader): {what}", stacklevel=2)
@@ -310,14 +312,14 @@ def _collate(items: list[tuple[str, torch.Tensor, int]]) -> tuple[list[str], tor
     return keys, images, labels
 
 
-def _batches(items, batch_size: int, drop_last: bool = False):
+def _batches(items, batch_size: int):
     buf = []
     for item in items:
         buf.append(item)
         if len(buf) == batch_size:
             yield _collate(buf)
             buf = []
-    if buf and not drop_last:
+    if buf:
         yield _collate(buf)
 
 

@@ -169,11 +169,11 @@ def fit_head(cfg: ClassifyConfig, accelerator, tracker) -> dict:
         accelerator.wait_for_everyone()
 
     # --- train batches: streamed and embedded, or replayed from the first epoch's embeddings ----
-    cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # this process's epoch-1 batches, on the CPU
+    cache: list[torch.Tensor] = []  # [embeddings (n, D), labels (n,)] of this process's epoch 1, on the CPU
 
     def epoch_batches(epoch: int):
-        if len(cache) == steps_per_epoch:  # complete: replay, reshuffled per (seed, epoch, rank)
-            emb_all, y_all = torch.cat([e for e, _ in cache]), torch.cat([y for _, y in cache])
+        if cache:  # replay, reshuffled per (seed, epoch, rank)
+            emb_all, y_all = cache
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 7_919 + rank)
             perm = torch.randperm(len(y_all), generator=gen)
             for i in range(steps_per_epoch):  # the same number of batches on every rank
@@ -189,8 +189,8 @@ def fit_head(cfg: ClassifyConfig, accelerator, tracker) -> dict:
             if cfg.cache_embeddings:
                 fresh.append((emb.cpu(), y.cpu()))
             yield emb, y
-        if cfg.cache_embeddings and len(fresh) == steps_per_epoch:
-            cache[:] = fresh
+        if cfg.cache_embeddings and len(fresh) == steps_per_epoch:  # a complete epoch only
+            cache[:] = [torch.cat([e for e, _ in fresh]), torch.cat([y for _, y in fresh])]
 
     # --- train ---------------------------------------------------------------------------------
     start = time.time()
