@@ -25,7 +25,9 @@ def main(argv: list[str]) -> int:
         from toolkit.data.shards import read_info
         from toolkit.engine.classify import check_run_dir
         from toolkit.inference import check_classes, open_run
+        from toolkit.sweep import trial_run_dir
 
+        cfg.run_dir = trial_run_dir(cfg.run_dir)  # before the check: a sweep trial gets its own folder
         run = open_run(cfg.embedder)
         shards = cfg.shards or run.embedder["config"]["shards"]
         check_classes(read_info(shards)["classes"], run.classes, shards=shards)

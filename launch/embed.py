@@ -27,6 +27,9 @@ def main(argv: list[str]) -> int:
 
         from toolkit.engine.embed import check_run_dir
 
+        from toolkit.sweep import trial_run_dir
+
+        cfg.run_dir = trial_run_dir(cfg.run_dir)  # before the check: a sweep trial gets its own folder
         info = read_info(cfg.shards)
         check_run_dir(cfg)
         if cfg.batching == "pk":
@@ -34,9 +37,6 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
-        # A W&B agent trial: one run folder per trial (same on every rank: env is shared).
-        cfg.run_dir = str(Path(cfg.run_dir) / f"sweep-{os.environ['WANDB_SWEEP_ID']}" / os.environ["WANDB_RUN_ID"])
 
     # 2. Accelerator: created here and nowhere else (CPU when there is no GPU or when
     #    `accelerate launch` says so; precision auto = bf16/fp16 on GPUs, fp32 on CPU).

@@ -156,3 +156,22 @@ def test_two_process_classifier_run(tmp_path, tmp_path_factory):
     assert payload["metrics"]["val/accuracy"] >= 0.9
     report = json.loads((run_dir / "report.json").read_text())
     assert report["num_samples"] == 24 and report["head_accuracy"] >= 0.9
+
+
+def test_wandb_agent_trials_get_their_own_folder_before_it_is_checked(tmp_path, tmp_path_factory, monkeypatch):
+    # A W&B agent starts every trial with the same command. The base run_dir already holds a
+    # finished head (an earlier trial, or a plain run): the trial must neither be refused nor
+    # write over it, but go to run_dir/sweep-<sweep id>/<run id>.
+    base = shared_embed_run(tmp_path_factory)
+    run_dir = tmp_path / "cls"
+    run_dir.mkdir()
+    (run_dir / "best_head.pt").write_bytes(b"an earlier run's head")
+    monkeypatch.setenv("WANDB_SWEEP_ID", "abc123")
+    monkeypatch.setenv("WANDB_RUN_ID", "run7")
+    rc, out = run_launch("classify", [
+        f"embedder={base['embed']}", f"run_dir={run_dir}", "max_steps=2", "epochs=0", "batch_size=16",
+        "num_workers=0", "tracker=none", "progress=false",
+    ])
+    assert rc == 0, out
+    assert (run_dir / "best_head.pt").read_bytes() == b"an earlier run's head"
+    assert (run_dir / "sweep-abc123" / "run7" / "best_head.pt").is_file()

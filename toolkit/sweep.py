@@ -13,6 +13,7 @@ trials locally with parameters sampled here (``toolkit sweep FILE --local N``).
 from __future__ import annotations
 
 import math
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,17 @@ def expand_command(spec: dict, params: dict[str, Any]) -> list[str]:
         else:
             argv.append(c)
     return argv
+
+
+def trial_run_dir(run_dir: str) -> str:
+    """A W&B agent trial's own folder, ``run_dir/sweep-<sweep id>/<run id>``; ``run_dir`` otherwise.
+
+    The agent starts every trial with the same command and sets ``WANDB_SWEEP_ID`` and
+    ``WANDB_RUN_ID`` (shared by all ranks of the launch), so trials never meet in one folder.
+    Launch scripts apply it before checking the folder.
+    """
+    sweep, run = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    return str(Path(run_dir) / f"sweep-{sweep}" / run) if sweep and run else run_dir
 
 
 def run_local(spec: dict, *, trials: int, seed: int = 0, run_root: str = "runs/sweep-local") -> list[dict]:
