@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
+import signal
 import socket
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -139,3 +143,26 @@ def free_port() -> int:
 def image_folder(tmp_path) -> Path:
     """The default uneven 5-class folder (one class with a single image)."""
     return make_image_folder(tmp_path / "images")
+
+
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+
+
+def launch_two_cpu(script: str | Path, *args, timeout: float, what: str) -> subprocess.CompletedProcess:
+    """``accelerate launch --multi_gpu --num_processes 2 SCRIPT ARGS`` on CPU (gloo), as the README
+    starts two CPU processes; stdout and stderr merged. A hang past ``timeout`` kills the launcher
+    and its ranks (own process group) and fails the test, naming ``what`` hung."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [
+        ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        str(script), *map(str, args),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{what} hung (> {timeout} s):\n{output[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, output, "")

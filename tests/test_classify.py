@@ -3,22 +3,16 @@ processes work, and bad inputs stop the launch before any work."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from classify_helpers import ROOT, make_separable_folder, run_launch, shard, shared_classify_run, shared_embed_run
-from conftest import free_port
+from conftest import launch_two_cpu
 from toolkit.checkpoint import safe_load
 from toolkit.config import ClassifyConfig
 from toolkit.tracking import make_tracker, read_metrics
 
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 TIMEOUT_S = 240
 
 
@@ -131,22 +125,12 @@ def test_launch_refuses_other_classes_and_an_existing_run(tmp_path, tmp_path_fac
 def test_two_process_classifier_run(tmp_path, tmp_path_factory):
     base = shared_embed_run(tmp_path_factory)
     run_dir = tmp_path / "cls2"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [
-        ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        str(ROOT / "launch" / "classify.py"), f"embedder={base['embed']}", f"run_dir={run_dir}",
-        "epochs=8", "batch_size=16", "num_workers=1", "tracker=none", "progress=false", "collective_timeout_s=120",
-    ]
-    # own process group, so a hang is killed together with the ranks it started
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"two-process classifier run hung (> {TIMEOUT_S} s):\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-4000:]
+    res = launch_two_cpu(
+        ROOT / "launch" / "classify.py", f"embedder={base['embed']}", f"run_dir={run_dir}", "epochs=8", "batch_size=16",
+        "num_workers=1", "tracker=none", "progress=false", "collective_timeout_s=120",
+        timeout=TIMEOUT_S, what="two-process classifier run",
+    )
+    assert res.returncode == 0, res.stdout[-4000:]
 
     assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 2
     # 72 train images / (2 ranks × 16) = 2 steps per epoch on each rank

@@ -14,20 +14,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import free_port
+from conftest import ACCELERATE, free_port
 from test_embed import LAUNCH, make_quadrant_shards, read_metrics, run_env, step_files, train_steps, write_config
 from toolkit.checkpoint import safe_load
 
 pytestmark = pytest.mark.slow
 
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 TIMEOUT_S = 300
 
 

@@ -10,18 +10,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import craft_shards, free_port, make_image_folder
+from conftest import ACCELERATE, craft_shards, free_port, make_image_folder
 from toolkit.data.shards import write_shards
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 TIMEOUT_S = 180
 
 

@@ -8,41 +8,23 @@ fail the run; the subprocess timeout turns a hang into a failure.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from conftest import craft_shards, free_port
+from conftest import craft_shards, launch_two_cpu
 
 pytestmark = pytest.mark.slow
 
 HERE = Path(__file__).parent
 SCRIPT = HERE / "dist_scripts" / "loader_ranks.py"
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 TIMEOUT_S = 120
 
 
 def launch(shards: Path, out: Path, *args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [
-        ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        str(SCRIPT), str(shards), str(out), *map(str, args),
-    ]
-    # own process group, so a hang is killed together with the ranks it started
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"distributed loader hung (> {TIMEOUT_S} s):\n{output[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, output, "")
+    return launch_two_cpu(SCRIPT, shards, out, *args, timeout=TIMEOUT_S, what="distributed loader")
 
 
 def run_and_check(tmp_path, split_sizes, *, epochs=2, P=2, K=2):
