@@ -3,6 +3,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 import pytest
+import yaml
 
 from toolkit.config import ConfigError, config_from_argv, load_config, parse_overrides
 
@@ -127,3 +128,85 @@ def test_validate_runs_and_missing_file_is_an_error(tmp_path):
     p.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(Cfg, p)
+
+
+# --------------------------------------------------------------------------- real ranges
+
+from toolkit.config import MAX_COLLECTIVE_TIMEOUT_S, MAX_SEED, ClassifyConfig, EmbedConfig  # noqa: E402
+
+
+def _numeric_fields(cls) -> dict:
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if hints[f.name] in (int, float)}
+
+
+@pytest.mark.parametrize("cls", [EmbedConfig, ClassifyConfig], ids=lambda c: c.__name__)
+def test_every_numeric_field_has_a_range_and_its_edges_are_refused(cls):
+    fields = _numeric_fields(cls)
+    assert set(fields) == set(cls.RANGES), "every int/float config field needs an entry in RANGES"
+    for name, (low, high, open_low) in cls.RANGES.items():
+        step = 1 if fields[name] is int else 1e-6
+        below = low if open_low else low - step
+        with pytest.raises(ConfigError, match=rf"^{name} must be") as err:
+            load_config(cls, None, {name: below})
+        assert "\n" not in str(err.value)
+        if high is not None:
+            with pytest.raises(ConfigError, match=rf"^{name} must be <= "):
+                load_config(cls, None, {name: high + step})
+        for bad in ("inf", "-inf", "nan"):
+            with pytest.raises(ConfigError, match=name):
+                load_config(cls, None, {name: bad})
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("seed", -1, "seed must be >= 0"),
+        ("seed", 2**32, "seed must be <= 4294967295"),
+        ("lr", "inf", "lr: expected a finite float"),
+        ("weight_decay", "inf", "weight_decay: expected a finite float"),
+        ("eval_batch_size", 0, "eval_batch_size must be >= 1"),
+        ("shuffle_buffer", -1, "shuffle_buffer must be >= 1"),
+        ("collective_timeout_s", 1e10, "collective_timeout_s must be <= 604800"),
+        ("run_dir", "", "run_dir must not be empty"),
+        ("shards", "  ", "shards must not be empty"),
+        ("shards", ["a", "b"], "shards: expected str"),
+    ],
+)
+def test_values_that_used_to_crash_later_are_refused_up_front(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(EmbedConfig, None, {key: value})
+
+
+def test_a_config_file_never_supplies_a_pipe_or_url_shard_location(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    marker = tmp_path / "pwned"
+    for location in (f"pipe:touch {marker}", f"pipe:cat {tmp_path}/{{}}", "https://example.invalid/shards"):
+        cfg.write_text(yaml.safe_dump({"shards": location}))
+        with pytest.raises(ConfigError, match="never from a file") as err:
+            load_config(EmbedConfig, cfg)
+        assert str(cfg) in str(err.value)
+        # the same location typed on the command line is the user's own choice
+        assert load_config(EmbedConfig, cfg, {"shards": location}).shards == location
+        cfg.write_text(yaml.safe_dump({"embedder": location}))
+        with pytest.raises(ConfigError, match="never from a file"):
+            load_config(ClassifyConfig, cfg)
+    assert not marker.exists()
+
+
+def test_range_edges_that_pass_validation_run(tmp_path):
+    """The extreme values validation lets through must work in a real run, not crash later."""
+    from classify_helpers import make_separable_folder, run_launch, shard
+
+    shards = shard(make_separable_folder(tmp_path / "img", per_class=8), tmp_path / "shards")
+    rc, out = run_launch("embed", [
+        f"shards={shards}", f"run_dir={tmp_path / 'run'}", "input_size=16", "batch_size=8", "K=2", "max_steps=2",
+        "epochs=0", "num_workers=0", "tracker=none", "progress=false", f"seed={MAX_SEED}", "shuffle_buffer=1",
+        "eval_batch_size=1", "keep_last=1", "log_every=1", "ckpt_every=1", f"collective_timeout_s={MAX_COLLECTIVE_TIMEOUT_S}",
+        "embedding_dim=2",
+    ])
+    assert rc == 0, out
+    assert "best kNN val accuracy" in out

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
+
+from toolkit.data.location import from_file_message, is_local_location
 
 
 class ConfigError(ValueError):
@@ -64,12 +67,20 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if typ is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)  # YAML 1.1 reads "1e-3" as a string: float() fixes it
+            f = float(value)  # YAML 1.1 reads "1e-3" as a string: float() fixes it
+            if not math.isfinite(f):  # no field has a use for nan/inf (0 is "off" where off exists)
+                raise ConfigError(f"{key}: expected a finite float, got {value!r}")
+            return f
         if typ is str:
+            if isinstance(value, (list, tuple, dict, set)):  # YAML `shards: [a, b]` is not a path
+                raise ValueError
             return str(value)
-    except (TypeError, ValueError):
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}") from None
     return value
+
 
 
 def _suggest(key: str, known: Sequence[str]) -> str:
@@ -123,6 +134,12 @@ def load_config(cls, path: str | Path | None = None, overrides: dict[str, Any] |
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: expected a mapping of key: value")
         values.update(data)
+        # A config file is data like any other: the URL / pipe: forms of a shard location
+        # (which WebDataset opens by running curl or a shell) come only from the command line.
+        for key in getattr(cls, "LOCATIONS", ()):
+            used = key in data and key not in (overrides or {}) and data[key] is not None
+            if used and not is_local_location(data[key]):
+                raise ConfigError(from_file_message(data[key], p))
     values.update(overrides or {})
     for key in values:
         if key not in types:
@@ -148,9 +165,51 @@ def require(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+_INT32 = 2**31 - 1
+
+
+def at_least(low: float, high: float | None = None) -> tuple:
+    """Range ``low <= value <= high`` (``high`` None: no upper bound)."""
+    return (low, high, False)
+
+
+def above(low: float, high: float | None = None) -> tuple:
+    """Range ``low < value <= high``: ``low`` itself is refused (``lr`` > 0)."""
+    return (low, high, True)
+
+
+def check_ranges(cfg, ranges: dict[str, tuple]) -> None:
+    """Refuse any numeric field outside its range (:func:`at_least` / :func:`above`).
+
+    Every int and float field of a run config has an entry (a test enforces it), so a value
+    that passes here is one the run can use: nothing crashes later with a traceback.
+    """
+    for name, (low, high, open_low) in ranges.items():
+        value = getattr(cfg, name)
+        if value < low or (open_low and value == low):
+            raise ConfigError(f"{name} must be {'>' if open_low else '>='} {low}, got {value}")
+        if high is not None and value > high:
+            raise ConfigError(f"{name} must be <= {high}, got {value}")
+
+
+def check_nonempty(cfg, names: Sequence[str]) -> None:
+    """Refuse empty (or blank) strings for paths and names that must name something."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and not str(value).strip():
+            raise ConfigError(f"{name} must not be empty")
+
+
+# A process-group timeout beyond this overflows inside torch.distributed (measured: 1e10 s
+# fails at once); a week of waiting on a peer is never what a run wants anyway.
+MAX_COLLECTIVE_TIMEOUT_S = 7 * 24 * 3600.0
+# numpy's legacy seeding (accelerate's set_seed) takes 0 <= seed < 2**32.
+MAX_SEED = 2**32 - 1
+
+
 # --------------------------------------------------------------------------- run configs
 from dataclasses import dataclass  # noqa: E402
-from typing import Literal, Optional  # noqa: E402
+from typing import ClassVar, Literal, Optional  # noqa: E402
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -210,25 +269,24 @@ class EmbedConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"  # NaN/inf loss: stop the run, or skip that step
     progress: bool = True
 
+    LOCATIONS: ClassVar[tuple] = ("shards",)  # read from a file only when local (load_config)
+    # The range of every numeric field (0 means "off" or "auto" where its comment says so).
+    RANGES: ClassVar[dict] = {
+        "input_size": at_least(8, 4096), "batch_size": at_least(2, _INT32), "P": at_least(0, _INT32),
+        "K": at_least(2, _INT32), "shuffle_buffer": at_least(1, _INT32), "num_workers": at_least(0, 1024),
+        "embedding_dim": at_least(2, 65536), "margin": above(0), "lr": above(0), "weight_decay": at_least(0),
+        "warmup_steps": at_least(0, _INT32), "grad_clip": at_least(0), "epochs": at_least(0, _INT32),
+        "max_steps": at_least(0, _INT32), "max_minutes": at_least(0), "val_every": at_least(1, _INT32),
+        "knn_k": at_least(1, _INT32), "eval_batch_size": at_least(1, _INT32), "ckpt_every": at_least(0, _INT32),
+        "keep_last": at_least(1, _INT32), "seed": at_least(0, MAX_SEED), "log_every": at_least(1, _INT32),
+        "collective_timeout_s": above(0, MAX_COLLECTIVE_TIMEOUT_S),
+    }
+
     def validate(self) -> None:
-        require(self.input_size >= 8, f"input_size must be >= 8, got {self.input_size}")
-        require(self.batch_size >= 2, f"batch_size must be >= 2, got {self.batch_size}")
-        require(self.K >= 2, f"K must be >= 2 (each class needs a positive pair), got {self.K}")
-        require(self.P >= 0, f"P must be >= 0 (0 = as many classes as fit), got {self.P}")
+        check_ranges(self, self.RANGES)
+        check_nonempty(self, ("shards", "run_dir", "project", "name"))
         require(self.P * self.K <= self.batch_size, f"P×K = {self.P}×{self.K} = {self.P * self.K} is larger than batch_size={self.batch_size}")
-        require(self.embedding_dim >= 2, f"embedding_dim must be >= 2, got {self.embedding_dim}")
-        require(self.margin > 0, f"margin must be > 0, got {self.margin}")
-        require(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        require(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
-        require(min(self.epochs, self.max_steps, self.warmup_steps, self.num_workers) >= 0, "epochs, max_steps, warmup_steps and num_workers must be >= 0")
         require(self.epochs > 0 or self.max_steps > 0 or self.max_minutes > 0, "no budget: set epochs, max_steps or max_minutes")
-        require(self.max_minutes >= 0, f"max_minutes must be >= 0, got {self.max_minutes}")
-        require(self.val_every >= 1, f"val_every must be >= 1, got {self.val_every}")
-        require(self.knn_k >= 1, f"knn_k must be >= 1, got {self.knn_k}")
-        require(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
-        require(self.ckpt_every >= 0 and self.log_every >= 1, "ckpt_every must be >= 0 and log_every >= 1")
-        require(self.collective_timeout_s > 0, "collective_timeout_s must be > 0")
 
 
 @dataclass
@@ -262,13 +320,16 @@ class ClassifyConfig:
     collective_timeout_s: float = 600.0
     progress: bool = True
 
+    LOCATIONS: ClassVar[tuple] = ("shards", "embedder")
+    RANGES: ClassVar[dict] = {
+        "batch_size": at_least(1, _INT32), "shuffle_buffer": at_least(1, _INT32), "num_workers": at_least(0, 1024),
+        "hidden": at_least(1, 65536), "dropout": at_least(0.0, 0.99), "lr": above(0), "weight_decay": at_least(0),
+        "epochs": at_least(0, _INT32), "max_steps": at_least(0, _INT32), "knn_k": at_least(1, _INT32),
+        "eval_batch_size": at_least(1, _INT32), "seed": at_least(0, MAX_SEED), "log_every": at_least(1, _INT32),
+        "collective_timeout_s": above(0, MAX_COLLECTIVE_TIMEOUT_S),
+    }
+
     def validate(self) -> None:
-        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        require(self.hidden >= 1, f"hidden must be >= 1, got {self.hidden}")
-        require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        require(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        check_ranges(self, self.RANGES)
+        check_nonempty(self, ("embedder", "shards", "run_dir", "project", "name"))
         require(self.epochs > 0 or self.max_steps > 0, "no budget: set epochs or max_steps")
-        require(min(self.epochs, self.max_steps, self.num_workers) >= 0, "epochs, max_steps and num_workers must be >= 0")
-        require(self.knn_k >= 1 and self.log_every >= 1, "knn_k and log_every must be >= 1")
-        require(self.collective_timeout_s > 0, "collective_timeout_s must be > 0")
