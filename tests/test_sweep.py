@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import free_port, make_image_folder
-from toolkit.config import _field_types, load_config
+from toolkit.config import ConfigError, _field_types, load_config
 from toolkit.data.shards import write_shards
 from toolkit.sweep import STAGES, expand_command, load_sweep, sample_parameters, stage_of
 
@@ -120,3 +120,54 @@ def test_agent_command_runs_offline_on_two_cpu_processes(tmp_path):
     assert len(runs) == 1
     log = next(runs[0].glob("run-*.wandb")).read_bytes()
     assert b"val/best_knn_accuracy" in log and b"margin" in log and b"embedder" in log
+
+
+# --------------------------------------------------------------------------- a sweep file is data
+
+@pytest.mark.parametrize(
+    "command, why",
+    [
+        (["bash", "-c", "touch {marker}", "${args}"], "accelerate launch"),
+        (["${env}", "accelerate", "launch", "--no_python", "touch", "{marker}", "${args}"], "not an accelerate launch option"),
+        (["accelerate", "launch", "launch/other.py", "${args}"], "expected the launch script"),
+        (["python", "-c", "import os; os.system('touch {marker}')", "${args}"], "expected the launch script"),
+        (["accelerate", "launch", "launch/embed.py", "&&", "touch", "{marker}", "${args}"], "only --config FILE"),
+        (["${env}", "${interpreter}", "${program}", "${args}"], "program must be one of"),
+    ],
+)
+def test_a_sweep_command_can_only_run_the_launch_scripts(tmp_path, command, why):
+    marker = tmp_path / "pwned"
+    spec = yaml.safe_load((ROOT / "configs" / "sweeps" / "embed.yaml").read_text())
+    spec["command"] = [c.replace("{marker}", str(marker)) for c in command]
+    if "${program}" in command:
+        spec["program"] = "evil.py"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=why):
+        load_sweep(bad)
+    if command[0] == "bash":  # once, the way users run it
+        r = subprocess.run([str(VENV_BIN / "toolkit"), "sweep", str(bad), "--local", "1"], capture_output=True, text=True,
+                           cwd=tmp_path, env={**os.environ, "WANDB_MODE": "offline"}, timeout=120)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and why in r.stderr, r.stderr
+    assert not marker.exists(), "a command from a sweep file was run"
+
+
+def test_the_wandb_default_command_and_launch_options_are_accepted(tmp_path):
+    spec = yaml.safe_load((ROOT / "configs" / "sweeps" / "embed.yaml").read_text())
+    for command in (
+        ["${env}", "${interpreter}", "${program}", "${args}"],
+        ["accelerate", "launch", "--config_file", "configs/accelerate/cpu2.yaml", "--num_processes=2", "--multi_gpu",
+         "launch/embed.py", "--config", "configs/embed/fast.yaml", "epochs=1", "${args}"],
+    ):
+        p = tmp_path / "ok.yaml"
+        p.write_text(yaml.safe_dump({**spec, "command": command}))
+        assert load_sweep(p)["command"] == command
+
+
+def test_a_sweep_cannot_supply_a_pipe_shard_location(tmp_path):
+    spec = yaml.safe_load((ROOT / "configs" / "sweeps" / "embed.yaml").read_text())
+    spec["parameters"]["shards"] = {"values": ["shards/a", "pipe:touch /tmp/x/{}"]}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(spec))
+    with pytest.raises(Exception, match="never from a file"):
+        load_sweep(bad)

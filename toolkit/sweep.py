@@ -21,12 +21,67 @@ from typing import Any
 import yaml
 
 from toolkit.config import ClassifyConfig, ConfigError, EmbedConfig, _field_types
+from toolkit.data.location import from_file_message, is_local_location
 
 # What each stage's validator logs (metric names a sweep may optimise).
 STAGES = {
     "embed": (EmbedConfig, ("val/knn_accuracy", "val/best_knn_accuracy", "val/precision_at_1", "val/map_at_r")),
     "classify": (ClassifyConfig, ("val/accuracy", "val/best_accuracy", "val/loss")),
 }
+
+
+# The only programs a sweep may run, and the `accelerate launch` options it may pass. A sweep
+# file is data: its command is checked token by token, so it can choose hyper-parameters and
+# the launcher's process layout, never what runs (no `bash -c`, no `accelerate launch
+# --no_python ...`, no other script).
+SCRIPTS = {f"launch/{stage}.py" for stage in STAGES}
+LAUNCH_OPTIONS_WITH_VALUE = {
+    "--config_file", "--num_processes", "--num_machines", "--machine_rank", "--main_process_ip",
+    "--main_process_port", "--mixed_precision", "--dynamo_backend", "--num_cpu_threads_per_process", "--gpu_ids",
+}
+LAUNCH_FLAGS = {"--multi_gpu", "--cpu"}
+
+
+def check_command(spec: dict, source) -> None:
+    """Refuse a sweep command that would run anything but ``launch/embed.py`` / ``launch/classify.py``.
+
+    Accepted shape (W&B's macros included)::
+
+        [${env}] (accelerate launch [OPTIONS] | ${interpreter} | python | python3) (SCRIPT | ${program})
+            [--config FILE] [key=value | --key=value ...] ${args}
+    """
+    cmd = [str(c) for c in spec["command"]]
+    program = spec.get("program")
+    if program is not None and str(program) not in SCRIPTS:
+        raise ConfigError(f"{source}: program must be one of {', '.join(sorted(SCRIPTS))}, got {program!r}")
+
+    def refuse(i: int, why: str):
+        raise ConfigError(f"{source}: command token {i + 1} ({cmd[i] if i < len(cmd) else 'end'!r}): {why}")
+
+    i = 1 if cmd[:1] == ["${env}"] else 0
+    if cmd[i : i + 2] == ["accelerate", "launch"]:
+        i += 2
+        while i < len(cmd) and cmd[i].startswith("--"):
+            option = cmd[i].split("=", 1)[0]
+            if option in LAUNCH_FLAGS or (option in LAUNCH_OPTIONS_WITH_VALUE and "=" in cmd[i]):
+                i += 1
+            elif option in LAUNCH_OPTIONS_WITH_VALUE and i + 1 < len(cmd):
+                i += 2
+            else:
+                refuse(i, f"not an accelerate launch option a sweep may use ({', '.join(sorted(LAUNCH_OPTIONS_WITH_VALUE | LAUNCH_FLAGS))})")
+    elif i < len(cmd) and cmd[i] in ("${interpreter}", "python", "python3"):
+        i += 1
+    else:
+        refuse(i, "a sweep command runs `accelerate launch` or `${interpreter}`")
+    if i >= len(cmd) or not (cmd[i] in SCRIPTS or (cmd[i] == "${program}" and program is not None)):
+        refuse(i, f"expected the launch script ({', '.join(sorted(SCRIPTS))} or ${{program}})")
+    for j in range(i + 1, len(cmd)):
+        tok = cmd[j]
+        if tok == "${args}" or (cmd[j - 1] == "--config" and not tok.startswith("${")):
+            continue
+        if tok == "--config" or ("=" in tok and not tok.startswith("${")):
+            continue
+        refuse(j, "after the script only --config FILE, key=value overrides and ${args} may follow")
 
 
 def stage_of(spec: dict) -> str:
@@ -49,8 +104,9 @@ def load_sweep(path: str | Path) -> dict:
     for key in ("method", "metric", "parameters", "command"):
         if key not in spec:
             raise ConfigError(f"{p}: missing {key!r}")
-    if "${args}" not in spec["command"]:
-        raise ConfigError(f"{p}: command must contain ${{args}} (the agent's --name=value flags)")
+    if not isinstance(spec["command"], list) or "${args}" not in spec["command"]:
+        raise ConfigError(f"{p}: command must be a list containing ${{args}} (the agent's --name=value flags)")
+    check_command(spec, p)
     stage = stage_of(spec)
     cfg_cls, metrics = STAGES[stage]
     if spec["metric"].get("name") not in metrics:
@@ -59,6 +115,11 @@ def load_sweep(path: str | Path) -> dict:
     unknown = [k for k in spec["parameters"] if k not in keys]
     if unknown:
         raise ConfigError(f"{p}: parameters that are not {cfg_cls.__name__} keys: {', '.join(unknown)}")
+    for name in getattr(cfg_cls, "LOCATIONS", ()):  # the agent puts these on the command line
+        param = spec["parameters"].get(name) or {}
+        for value in [param.get("value"), *(param.get("values") or [])]:
+            if value is not None and not is_local_location(value):
+                raise ConfigError(from_file_message(value, f"{p} (parameter {name})"))
     return spec
 
 
