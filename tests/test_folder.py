@@ -27,7 +27,7 @@ def test_manifest_lists_every_image_with_sorted_class_index(image_folder):
     assert df["path"].is_unique
     assert all(not p.startswith("/") and "\\" not in p for p in df["path"])
     assert all((image_folder / p).is_file() for p in df["path"])
-    assert ignored == ["beta/notes.txt"]
+    assert ignored == [(".hidden/x.png", "hidden"), ("beta/notes.txt", "not an image extension")]
 
 
 def test_missing_or_empty_folder_is_a_one_line_error(tmp_path):
@@ -95,3 +95,85 @@ def test_no_warning_when_every_class_can_be_split():
 def test_bad_val_fraction_rejected(bad):
     with pytest.raises(DataError):
         stratified_split(_manifest({"a": 5}), val_fraction=bad)
+
+
+def _all_entries(root):
+    """Every non-folder entry and every symlinked folder under root, not following links."""
+    import os
+
+    found = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            found.add(name if rel == "." else f"{rel}/{name}")
+    return found
+
+
+def test_every_file_is_in_the_manifest_or_ignored_with_its_reason(tmp_path):
+    import os
+
+    root = make_image_folder(tmp_path / "images", {"a": 3, "b": 2}, size=(4, 4))
+    outside = make_image_folder(tmp_path / "outside", {"more": 2, "deeper": 1}, size=(4, 4))
+    (root / "README.md").write_text("about")  # top level: in no class
+    (root / "stray.png").write_bytes((root / "a" / "img_000.png").read_bytes())
+    (root / "a" / "notes.txt").write_text("n")
+    (root / "a" / ".DS_Store").write_bytes(b"x")
+    make_image_folder(root / "a" / ".thumbs", {"t": 1}, size=(4, 4))
+    (root / ".cache").mkdir()
+    (root / ".cache" / "c.png").write_bytes(b"x")
+    os.symlink(tmp_path / "nowhere.png", root / "a" / "gone.png")
+    os.mkfifo(root / "b" / "pipe.png")  # reading it would block the decoder forever
+    os.symlink(outside / "more", root / "a" / "more")  # a class assembled from a link
+    os.symlink(outside / "deeper", root / "b" / "deeper")
+    os.symlink("..", root / "a" / "loop")
+    os.symlink(root / "b", root / "alias")  # a second way to b: its images are listed once
+
+    df, ignored = list_image_folder(root)
+
+    assert df["label"].value_counts().to_dict() == {"a": 3 + 2, "b": 2 + 1}
+    assert {"a/more/img_000.png", "a/more/img_001.jpg", "b/deeper/img_000.png"} <= set(df["path"])
+    assert df["path"].is_unique
+    assert all((root / p).is_file() for p in df["path"])
+    reasons = dict(ignored)
+    assert len(reasons) == len(ignored), "a path is reported twice"
+    assert reasons == {
+        ".cache/c.png": "hidden",
+        "README.md": "not in a class folder",
+        "stray.png": "not in a class folder",
+        "a/.DS_Store": "hidden",
+        "a/.thumbs/t/img_000.png": "hidden",
+        "a/gone.png": "broken symlink",
+        "a/loop": "symlink loop (points to a folder above it)",
+        "a/notes.txt": "not an image extension",
+        "alias": "folder already listed through another path",
+        "b/pipe.png": "not a regular file",
+    }
+    missing = _all_entries(root) - set(df["path"]) - set(reasons) - {"a/more", "b/deeper"}
+    assert not missing, f"files neither in the manifest nor ignored: {missing}"
+
+
+def test_symlink_loops_end_and_nothing_is_listed_twice(tmp_path):
+    import os
+
+    root = make_image_folder(tmp_path / "images", {"a": 2, "b": 2}, size=(4, 4))
+    os.symlink(root / "b", root / "a" / "to_b")  # b reached from a: listed in b only
+    os.symlink(root / "a", root / "b" / "to_a")  # a <-> b: a loop through two links
+    os.symlink(".", root / "a" / "self")
+    df, ignored = list_image_folder(root)
+    assert sorted(df["path"]) == ["a/img_000.png", "a/img_001.jpg", "b/img_000.png", "b/img_001.jpg"]
+    assert dict(ignored) == {
+        "a/self": "symlink loop (points to a folder above it)",
+        "a/to_b": "folder already listed through another path",
+        "b/to_a": "folder already listed through another path",
+    }
+
+
+def test_class_folder_reached_through_a_link_is_a_class(tmp_path):
+    import os
+
+    root = make_image_folder(tmp_path / "images", {"a": 2}, size=(4, 4))
+    real = make_image_folder(tmp_path / "elsewhere", {"z": 3}, size=(4, 4))
+    os.symlink(real / "z", root / "z")
+    df, ignored = list_image_folder(root)
+    assert df.groupby("label")["index"].first().to_dict() == {"a": 0, "z": 1}
+    assert (df["label"] == "z").sum() == 3 and ignored == []

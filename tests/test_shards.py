@@ -160,8 +160,14 @@ def test_output_never_overwritten_without_flag_and_no_temp_left(tmp_path):
     assert read_info(out) == first
 
     src2 = make_image_folder(tmp_path / "img2", {"a": 6, "b": 6, "c": 6}, size=(6, 6))
+    # A file the toolkit did not write is never deleted, not even with overwrite.
+    with pytest.raises(DataError, match=r"did not write \(marker.txt\)"):
+        _write(src2, out, overwrite=True)
+    assert (out / "marker.txt").read_text() == "user file"
+    assert read_info(out) == first
+
+    (out / "marker.txt").unlink()
     _write(src2, out, overwrite=True)
-    assert not (out / "marker.txt").exists(), "overwrite kept files of the old output"
     assert read_info(out)["classes"] == ["a", "b", "c"]
     assert verify_shards(out) == []
     assert sorted(p.name for p in parent.iterdir()) == ["shards"], "temporary folders left behind"
@@ -276,3 +282,27 @@ def test_class_index_matches_info_classes_when_a_class_folder_has_no_images(tmp_
         label, cls = json.loads(sample["json"])["label"], int(sample["cls"])
         assert 0 <= cls < info["num_classes"], f"{key}: class index {cls} out of range {info['classes']}"
         assert info["classes"][cls] == label, f"{key}: .cls {cls} -> {info['classes'][cls]!r}, json says {label!r}"
+
+
+def test_ignored_csv_gives_the_reason_for_every_file_left_out(tmp_path):
+    import os
+
+    src = make_image_folder(tmp_path / "img", {"a": 4, "b": 4}, size=(6, 6))
+    (src / "README.md").write_text("top level")
+    (src / "a" / "notes.txt").write_text("n")
+    (src / "b" / ".DS_Store").write_text("x")
+    os.symlink(tmp_path / "nowhere.png", src / "b" / "gone.png")
+    out = tmp_path / "shards"
+    info = _write(src, out)
+    ignored = pd.read_csv(out / "ignored.csv")
+    assert list(ignored.columns) == ["path", "reason"]
+    expected = [
+        ("README.md", "not in a class folder"),
+        ("a/notes.txt", "not an image extension"),
+        ("b/.DS_Store", "hidden"),
+        ("b/gone.png", "broken symlink"),
+    ]
+    assert list(ignored.itertuples(index=False, name=None)) == expected
+    assert info["_ignored_list"] == expected
+    assert info["ignored"] == {"not in a class folder": 1, "not an image extension": 1, "hidden": 1, "broken symlink": 1}
+    assert info["ignored_non_images"] == 1

@@ -1,10 +1,14 @@
 """Image folder -> pandas manifest -> stratified train/val split.
 
 The manifest is the single source of truth for what goes into the shards: one row per
-file, with its relative path, class name, class index (classes sorted by name) and split.
+image file, with its relative path, class name, class index (classes sorted by name) and
+split. Every other file under the folder is reported with the reason it is not an image of
+a class (``ignored``), so nothing is dropped without a trace.
 """
 from __future__ import annotations
 
+import heapq
+import os
 import warnings
 from pathlib import Path
 
@@ -15,37 +19,55 @@ IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 )
 
+# Reasons a file is not in the manifest (the ``reason`` column of ignored.csv).
+HIDDEN = "hidden"
+NOT_IN_CLASS = "not in a class folder"
+NOT_AN_IMAGE = "not an image extension"
+BROKEN_LINK = "broken symlink"
+NOT_A_FILE = "not a regular file"
+SYMLINK_LOOP = "symlink loop (points to a folder above it)"
+ALREADY_LISTED = "folder already listed through another path"
+
 
 class DataError(ValueError):
     """Bad input data (missing folder, no classes, ...). The message is one clear line."""
 
 
-def list_image_folder(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
-    """List ``root/<class>/<file>`` into a manifest.
+def list_image_folder(root: str | Path) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """List ``root/<class>/<file>`` into a manifest; account for every other file.
 
-    Returns ``(manifest, ignored)``: the manifest has columns ``path`` (relative, POSIX),
-    ``label`` (class name), ``index`` (class index, classes sorted); ``ignored`` lists the
-    relative paths of files without an image extension (reported, never silently dropped).
-    Nested sub-folders inside a class folder are included (their files belong to the class).
+    Returns ``(manifest, ignored)``. The manifest has columns ``path`` (relative, POSIX),
+    ``label`` (class name), ``index`` (class index: classes sorted, only folders that hold
+    images are classes, so index i always names ``classes[i]``). Files in nested folders of
+    a class folder belong to the class. ``ignored`` is a list of ``(relative path, reason)``
+    sorted by path, one per file that is not in the manifest:
+
+    * ``hidden``: any part of the path starts with a dot (``.DS_Store``, ``.git/...``);
+    * ``not in a class folder``: a file at the top level of ``root``;
+    * ``not an image extension``: a file in a class whose extension is not an image's;
+    * ``broken symlink``: a symlink to nothing (nothing to read);
+    * ``not a regular file``: a FIFO, socket or device (reading one could block forever).
+
+    Symlinked folders are followed, so a class can be assembled from links. A folder reached
+    a second time (a symlink loop, or two links to the same folder) is listed once only: the
+    link is reported with the reason ``symlink loop ...`` or ``folder already listed ...``,
+    so no image is counted twice (a duplicate could land in train *and* val). Real folders
+    win over links and visible folders over hidden ones when choosing where a folder is
+    listed. An unreadable folder is reported as ``unreadable folder (<error>)``.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files, folders, ignored = _walk(root)
     if not folders:
         raise DataError(f"{root}: no class sub-folders (expected {root}/<class>/<image files>)")
     per_class: dict[str, list[str]] = {}
-    ignored: list[str] = []
-    for name in folders:
-        for f in sorted((root / name).rglob("*")):
-            if not f.is_file() or any(part.startswith(".") for part in f.relative_to(root).parts):
-                continue
-            rel = f.relative_to(root).as_posix()
-            if f.suffix.lower() in IMAGE_EXTENSIONS:
-                per_class.setdefault(name, []).append(rel)
-            else:
-                ignored.append(rel)
-    # Class indices count only folders that hold images, so index i always names classes[i].
+    for rel in files:
+        reason = _not_an_image(rel)
+        if reason:
+            ignored.append((rel, reason))
+        else:
+            per_class.setdefault(rel.split("/", 1)[0], []).append(rel)
     empty = [name for name in folders if name not in per_class]
     if empty:
         warnings.warn(f"{len(empty)} class folder(s) without images are not classes: {', '.join(empty[:10])}", stacklevel=2)
@@ -53,7 +75,84 @@ def list_image_folder(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
     df = pd.DataFrame(rows, columns=["path", "label", "index"])
     if df.empty:
         raise DataError(f"{root}: no image files found in {len(folders)} class folders")
-    return df, ignored
+    return df, sorted(ignored)
+
+
+def _not_an_image(rel: str) -> str | None:
+    """Why the regular file ``rel`` is not an image of a class, or None when it is one."""
+    parts = rel.split("/")
+    if any(part.startswith(".") for part in parts):
+        return HIDDEN
+    if len(parts) == 1:
+        return NOT_IN_CLASS
+    if os.path.splitext(parts[-1])[1].lower() not in IMAGE_EXTENSIONS:
+        return NOT_AN_IMAGE
+    return None
+
+
+def _walk(root: Path) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """Every entry under ``root``, symlinked folders followed, each real folder once.
+
+    Returns ``(files, folders, ignored)``: relative POSIX paths of the regular files (sorted
+    part by part, like sorted ``Path`` objects); the visible top-level folders listed (the
+    class candidates); ``(path, reason)`` for links and special files not listed.
+
+    Folders wait in a priority queue: real visible folders first, then visible symlinked
+    folders, then hidden ones, so a folder reachable several ways is listed at its real,
+    visible place and later ways to it are reported, never walked again (loops end).
+    """
+    files: list[str] = []
+    folders: list[str] = []
+    ignored: list[tuple[str, str]] = []
+    visited: set[str] = set()
+    queue: list[tuple[int, str]] = [(0, "")]
+    while queue:
+        _, rel = heapq.heappop(queue)
+        path = root / rel if rel else root
+        real = os.path.realpath(path)
+        if real in visited:
+            ignored.append((rel, _revisit_reason(path, real)))
+            continue
+        visited.add(real)
+        if rel and "/" not in rel and not rel.startswith("."):
+            folders.append(rel)
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError as exc:
+            ignored.append(((rel or ".") + "/", f"unreadable folder ({exc.strerror or type(exc).__name__})"))
+            continue
+        for entry in entries:
+            child = f"{rel}/{entry.name}" if rel else entry.name
+            hidden = any(part.startswith(".") for part in child.split("/"))
+            kind = _kind(entry)
+            if kind == "dir":
+                heapq.heappush(queue, (2 if hidden else int(entry.is_symlink()), child))
+            elif kind == "file":
+                files.append(child)
+            else:
+                ignored.append((child, HIDDEN if hidden else kind))
+    files.sort(key=lambda rel: rel.split("/"))
+    return files, sorted(folders), ignored
+
+
+def _kind(entry: os.DirEntry) -> str:
+    """``dir``, ``file`` (both following symlinks) or the reason the entry is neither."""
+    if entry.is_symlink() and not os.path.exists(entry.path):
+        return BROKEN_LINK  # also a link loop between files: nothing to read either way
+    try:
+        if entry.is_dir():
+            return "dir"
+        if entry.is_file():
+            return "file"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or type(exc).__name__})"
+    return NOT_A_FILE
+
+
+def _revisit_reason(path: Path, real: str) -> str:
+    """A folder whose real path was listed already: a loop if it encloses its own link."""
+    parent = os.path.realpath(path.parent)
+    return SYMLINK_LOOP if parent == real or parent.startswith(real.rstrip(os.sep) + os.sep) else ALREADY_LISTED
 
 
 def stratified_split(

@@ -3,36 +3,56 @@
 Layout of the output folder (written to a temporary sibling, moved into place when complete)::
 
     OUT/train-000000.tar ...  OUT/val-000000.tar ...
-    OUT/_info.json            classes, per-split counts, shard names/lengths/sha256, preprocessing
+    OUT/_info.json            classes, per-split counts, shard names/lengths/sha256, preprocessing,
+                              warnings (problems found while sharding)
     OUT/manifest.csv          every listed image: path, label, index, split, key, status
     OUT/skipped.csv           unreadable images with the reason (also counted on screen)
+    OUT/ignored.csv           every other file under SRC with the reason it is not an image
 
 Each sample: ``<key>.png`` (the preprocessed image), ``<key>.cls`` (class index) and
 ``<key>.json`` (original relative path, class name). Keys are ``s<8-digit manifest row>``:
 dot-free (WebDataset splits on the first dot) and unable to escape the folder.
+
+``--overwrite`` replaces only what this module wrote: an empty folder or a shard folder
+holding nothing but the files above. ``_info.json`` may come from a remote location, so
+its content is data to check (:func:`read_info`), never text to paste into a command.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import math
+import multiprocessing
+import numbers
 import os
 import random
+import re
+import shlex
 import shutil
+import signal
 import tempfile
+import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from toolkit.data.folder import DataError, list_image_folder, stratified_split
+from toolkit.data.folder import NOT_AN_IMAGE, DataError, list_image_folder, stratified_split
 
 INFO_NAME = "_info.json"
 FORMAT_VERSION = 1
+SIDE_FILES = frozenset({INFO_NAME, "manifest.csv", "skipped.csv", "ignored.csv"})
+# What the writer names a shard: "<split>-<6+ digits>.tar". Nothing else is accepted from an
+# _info.json: no "/", no shell metacharacters, so a name is safe in a path, URL or command.
+SHARD_NAME = re.compile(r"[A-Za-z0-9_]+-\d{6,}\.tar")
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
 
 
 def preprocess_image(img: Image.Image, *, image_size: int | None, grayscale: bool) -> Image.Image:
@@ -96,6 +116,343 @@ def _chunks(items: list, size: int) -> Iterable[list]:
         yield items[i : i + size]
 
 
+def _names(items: list, limit: int = 10) -> str:
+    """``a, b, c`` (the first ``limit``, then `` ...``), for one-line messages."""
+    return ", ".join(map(str, items[:limit])) + (" ..." if len(items) > limit else "")
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+@dataclass
+class _Worker:
+    """One decoder process, its current chunk and where in the chunk it is."""
+
+    process: Any  # multiprocessing Process
+    conn: Connection
+    progress: Any  # shared doubles [position in the chunk, time.monotonic() that image started]
+    todo: list[int] = field(default_factory=list)  # job indices of the chunk not answered yet
+
+    def started(self) -> float:
+        return self.progress[1]
+
+
+def _decoder_loop(conn: Connection, progress: Any, encode: Callable) -> None:
+    """Worker process: answer each chunk of jobs with the list of ``encode(job)``.
+
+    Before each image it records its position and start time in ``progress`` (shared
+    memory, no message), so the parent can name the image it died or hangs on. Ctrl-C is
+    left to the parent, which kills its workers. The loop also ends when the parent is gone:
+    EOF alone cannot tell, sibling workers forked later hold copies of the pipe.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+    while os.getppid() == parent:
+        if not conn.poll(1.0):
+            continue
+        try:
+            chunk = conn.recv()
+        except EOFError:
+            return
+        results = []
+        for position, job in enumerate(chunk):
+            progress[1] = time.monotonic()
+            progress[0] = position
+            results.append(encode(job))
+        conn.send(results)
+
+
+def _death_reason(exitcode: int | None) -> str:
+    """skipped.csv's reason for an image whose decoder process died (exit code as multiprocessing gives it)."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"decoder crashed (signal {-exitcode}, {signal.Signals(-exitcode).name})"
+        except ValueError:
+            return f"decoder crashed (signal {-exitcode})"
+    return f"decoder crashed (exit code {exitcode})"
+
+
+class _DecoderPool:
+    """Decode images in worker processes, so a crash or a hang costs one image, not the run.
+
+    Jobs go out in chunks and come back as one message per chunk (cheap on IPC); the worker
+    records in shared memory which image it is on and since when. When a worker dies, that
+    image is re-run alone in a fresh process (the death may have had another cause, e.g. the
+    OOM killer) and skipped if it dies again; when an image takes longer than ``timeout_s``
+    its worker is killed and the image skipped. The rest of the chunk goes back to the queue.
+    Workers that keep failing before any chunk was answered point at the environment, not
+    at an image: the run stops with one line instead of starting a process per image.
+    """
+
+    MAX_FAILURES_BEFORE_ANY_ANSWER = 10
+
+    def __init__(self, jobs: list, *, workers: int, timeout_s: float, encode: Callable, on_result: Callable[[int], Any]):
+        self.jobs, self.workers, self.timeout_s = jobs, workers, timeout_s
+        self.encode, self.on_result = encode, on_result
+        self.results: list[tuple[bytes | None, str | None] | None] = [None] * len(jobs)
+        size = max(1, min(64, len(jobs) // (4 * workers)))
+        self.queue: deque[list[int]] = deque(_chunks(list(range(len(jobs))), size))
+        self.retried: set[int] = set()
+        self.pool: list[_Worker] = []
+        self.answers = self.failures = 0
+        self.ctx = multiprocessing.get_context()
+
+    def run(self) -> list[tuple[bytes | None, str | None]]:
+        """``encode(job)`` for every job, in job order; every worker is gone on return."""
+        try:
+            while True:
+                self._feed()
+                busy = [w for w in self.pool if w.todo]
+                if not busy:
+                    return self.results
+                deadline = min(w.started() for w in busy) + self.timeout_s
+                handles = [w.conn for w in busy] + [w.process.sentinel for w in busy]
+                ready = set(wait(handles, max(0.0, deadline - time.monotonic())))
+                for w in busy:
+                    self._check(w, ready)
+        finally:
+            for w in self.pool:
+                _stop(w)
+
+    def _feed(self) -> None:
+        for w in [w for w in self.pool if not w.todo]:
+            if self.queue:
+                self._assign(w, self.queue.popleft())
+        while self.queue and len(self.pool) < self.workers:
+            parent_end, child_end = self.ctx.Pipe()
+            progress = self.ctx.RawArray("d", 2)
+            process = self.ctx.Process(target=_decoder_loop, args=(child_end, progress, self.encode))
+            process.start()
+            child_end.close()  # else the parent would never see EOF when the worker dies
+            self.pool.append(_Worker(process, parent_end, progress))
+            self._assign(self.pool[-1], self.queue.popleft())
+
+    def _assign(self, w: _Worker, chunk: list[int]) -> None:
+        w.progress[0], w.progress[1] = 0, time.monotonic()  # the worker is idle: no race
+        try:
+            w.conn.send([self.jobs[i] for i in chunk])
+        except OSError:  # the idle worker died: only the process is lost
+            self._drop(w)
+            self.queue.appendleft(chunk)
+            return
+        w.todo = chunk
+
+    def _check(self, w: _Worker, ready: set) -> None:
+        """Take ``w``'s answer if ``wait`` found one (``ready``); deal with its death or with
+        its current image's timeout."""
+        if w.conn in ready or w.process.sentinel in ready:
+            try:
+                results = w.conn.recv() if w.conn.poll() else None
+            except (EOFError, OSError):
+                results = None
+            if results is not None:
+                self.answers += 1
+                for index, result in zip(w.todo, results):
+                    self._done(index, result)
+                w.todo = []
+            elif w.process.sentinel in ready or not w.process.is_alive():
+                self._drop(w)
+                self._fail(w, _death_reason(w.process.exitcode), retry=True)
+        elif time.monotonic() - w.started() > self.timeout_s:
+            self._drop(w)
+            self._fail(w, f"decoder timed out after {self.timeout_s:g} s", retry=False)
+
+    def _fail(self, w: _Worker, reason: str, *, retry: bool) -> None:
+        """The image ``w`` was on failed: retry it alone once, or record it skipped."""
+        position = int(w.progress[0])
+        culprit, rest = w.todo[position], w.todo[:position] + w.todo[position + 1 :]
+        if rest:
+            self.queue.appendleft(rest)
+        if retry and culprit not in self.retried:
+            self.retried.add(culprit)
+            self.queue.appendleft([culprit])
+        else:
+            self._done(culprit, (None, reason))
+        self.failures += 1
+        if not self.answers and self.failures >= self.MAX_FAILURES_BEFORE_ANY_ANSWER:
+            raise DataError(f"image decoder processes failed {self.failures} times before decoding any image (last: {reason})")
+
+    def _done(self, index: int, result: tuple[bytes | None, str | None]) -> None:
+        self.results[index] = result
+        self.on_result(1)
+
+    def _drop(self, w: _Worker) -> None:
+        _stop(w)
+        self.pool.remove(w)
+
+
+def _stop(w: _Worker) -> None:
+    """Kill (if still running) and reap a worker: no process outlives the pool."""
+    if w.process.is_alive():
+        w.process.kill()
+    w.process.join()
+    w.conn.close()
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _check_args(
+    *, val_fraction: Any, seed: Any, image_size: Any, samples_per_shard: Any, workers: Any, image_timeout_s: Any
+) -> None:
+    """One line for the first bad argument, before any work: late, a bad value fails once per
+    image or not at all (a negative image_size made every image 'unreadable')."""
+    if not _is_int(seed) or seed < 0:
+        raise DataError(f"seed must be an int >= 0, got {seed}")
+    if image_size is not None and (not _is_int(image_size) or image_size < 0):
+        raise DataError(f"image_size must be an int >= 1 (0 or None keeps the original size), got {image_size}")
+    if not _is_int(samples_per_shard) or samples_per_shard < 1:
+        raise DataError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if workers is not None and (not _is_int(workers) or workers < 1):
+        raise DataError(f"workers must be an int >= 1 (None: one per CPU core, at most 8), got {workers}")
+    if (
+        isinstance(image_timeout_s, bool)
+        or not isinstance(image_timeout_s, numbers.Real)
+        or not (0 < image_timeout_s and math.isfinite(image_timeout_s))
+    ):
+        raise DataError(f"image_timeout_s must be a number of seconds > 0, got {image_timeout_s}")
+
+
+def _check_apart(src: Path, out: Path) -> None:
+    """Refuse an output that is, contains or lies inside the image folder (real paths, symlinks
+    resolved): replacing it would delete the images, writing inside it would mix the two."""
+    s, o = Path(os.path.realpath(src)), Path(os.path.realpath(out))
+    if o == s:
+        where = "is the image folder"
+    elif o in s.parents:
+        where = "contains the image folder"
+    elif s in o.parents:
+        where = "is inside the image folder"
+    else:
+        return
+    raise DataError(f"{out} {where} {src}: write the shards somewhere else")
+
+
+def _is_ours(path: Path) -> bool:
+    """A file ``write_shards`` writes: a regular file (not a link) with one of its names."""
+    return (path.name in SIDE_FILES or bool(SHARD_NAME.fullmatch(path.name))) and path.is_file() and not path.is_symlink()
+
+
+def _is_shard_info(path: Path) -> bool:
+    """``path`` parses as the writer's ``_info.json``: an object with format_version and splits."""
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and "format_version" in info and isinstance(info.get("splits"), dict)
+
+
+def _why_not_ours(folder: Path) -> str | None:
+    """Why ``folder`` is not ours to replace, or None: empty, or a shard folder holding only our files."""
+    if folder.is_symlink():
+        return "is a symbolic link (give the folder it points to)"
+    if not folder.is_dir():
+        return "is not a folder"
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if not names:
+        return None
+    if not _is_shard_info(folder / INFO_NAME):
+        return f"is not a shard folder (no {INFO_NAME} written by `toolkit shard`)"
+    foreign = [n for n in names if not _is_ours(folder / n)]
+    if foreign:
+        return f"holds files `toolkit shard` did not write ({_names(foreign, 5)})"
+    return None
+
+
+def _check_replaceable(out: Path, *, overwrite: bool, shown: Path | None = None) -> None:
+    """Refuse, in one line, to write ``out`` unless nothing is there or, with ``overwrite``, it
+    is ours to replace. ``shown`` names ``out`` in the message (when checking a moved copy)."""
+    if not os.path.lexists(out):
+        return
+    why = _why_not_ours(out)
+    if why:
+        raise DataError(f"{shown or out} exists and {why}: refusing to replace it")
+    if not overwrite:
+        raise DataError(f"{shown or out} already exists: pass --overwrite to replace it")
+
+
+def _move_into_place(tmp: Path, out: Path, *, overwrite: bool) -> None:
+    """Rename the finished ``tmp`` to ``out``, never replacing what is not ours.
+
+    With ``overwrite`` the old output is moved aside, checked again where it now lies (no one
+    else writes there), put back if it is not ours, and removed only once the new one is in
+    place. Whatever appeared at ``out`` meanwhile is never replaced (see :func:`_rename_new`).
+    """
+    old = _move_aside(out) if overwrite and os.path.lexists(out) else None
+    try:
+        _rename_new(tmp, out)
+    except BaseException:
+        if old is not None:
+            _put_back(old, out)
+        raise
+    if old is not None:
+        _remove_our_files(old)
+
+
+def _move_aside(out: Path) -> Path | None:
+    """Rename the replaceable ``out`` to a hidden sibling; None if it vanished meanwhile."""
+    _check_replaceable(out, overwrite=True)
+    old = out.with_name(f".{out.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
+    try:
+        os.rename(out, old)
+    except FileNotFoundError:
+        return None
+    try:
+        _check_replaceable(old, overwrite=True, shown=out)
+    except DataError:
+        _put_back(old, out)
+        raise
+    return old
+
+
+def _rename_new(tmp: Path, out: Path) -> None:
+    """``os.rename(tmp, out)`` that fails if anything is at ``out``.
+
+    os.rename replaces an empty folder silently, so ``out`` is first created with os.mkdir,
+    which fails if anything appeared there since the start; the rename then lands on this
+    empty folder of ours, and fails if someone put files in it in between.
+    """
+    try:
+        os.mkdir(out)
+    except FileExistsError:
+        raise DataError(f"{out} appeared while the shards were being written: not replaced") from None
+    try:
+        os.rename(tmp, out)
+    except OSError as exc:
+        try:
+            os.rmdir(out)
+        except OSError:
+            pass  # someone else's files are in it now: theirs to keep
+        raise DataError(f"{out} changed while the shards were being written: not replaced ({exc.strerror})") from None
+
+
+def _put_back(old: Path, out: Path) -> None:
+    try:
+        os.rename(old, out)
+    except OSError:
+        raise DataError(f"{out} changed while the shards were being written: its previous content is in {old}") from None
+
+
+def _remove_our_files(folder: Path) -> None:
+    """Delete the files ``write_shards`` wrote in ``folder``, then the folder if that empties it."""
+    try:
+        for path in folder.iterdir():
+            if _is_ours(path):
+                path.unlink()
+        folder.rmdir()
+    except OSError as exc:
+        warnings.warn(f"the previous output was kept in {folder}: {exc.strerror}", stacklevel=4)
+
+
 def write_shards(
     src: str | Path,
     out: str | Path,
@@ -108,34 +465,56 @@ def write_shards(
     workers: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    image_timeout_s: float = 60.0,
+    _encode: Callable[[tuple[str, int | None, bool]], tuple[bytes | None, str | None]] = _encode_one,
 ) -> dict:
-    """Shard ``src`` (image folder) into ``out``. Returns the ``_info.json`` dict."""
+    """Shard ``src`` (image folder) into ``out``. Returns the ``_info.json`` dict.
+
+    Arguments are checked first (one line each), then that ``out`` lies outside ``src`` and
+    is absent, or with ``overwrite`` an empty folder or a shard folder holding only files
+    this function writes; nothing else is ever replaced or deleted.
+
+    Images are decoded in ``workers`` processes (None: one per CPU core, at most 8). An image
+    that crashes its decoder, or takes longer than ``image_timeout_s`` seconds, is skipped
+    and listed in skipped.csv like an unreadable one. ``_encode`` is for tests: the function
+    the workers run on each ``(path, image_size, grayscale)`` job, default
+    :func:`_encode_one`; it must be importable at module top level.
+
+    Problems that make the shards weak or unusable for training (a class left without
+    training or validation images, an empty split) are warned about, listed under
+    ``warnings`` in ``_info.json`` and refused at training time by :func:`check_trainable`.
+    Besides the ``_info.json`` keys the dict holds ``_skipped_list`` and ``_ignored_list``
+    (``[(path, reason)]``) and ``_warnings`` (``[str]``).
+    """
     from toolkit.tracking import progress as progress_bar
 
     src, out = Path(src), Path(out)
-    if samples_per_shard < 1:
-        raise DataError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-    if out.exists() and not overwrite:
-        raise DataError(f"{out} already exists: pass --overwrite to replace it")
-    manifest, ignored = list_image_folder(src)
-    manifest = stratified_split(manifest, val_fraction=val_fraction, seed=seed)
+    _check_args(
+        val_fraction=val_fraction, seed=seed, image_size=image_size, samples_per_shard=samples_per_shard,
+        workers=workers, image_timeout_s=image_timeout_s,
+    )
+    _check_apart(src, out)
+    _check_replaceable(out, overwrite=overwrite)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        manifest, ignored = list_image_folder(src)
+    notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]  # class folders without images
+    for w in caught:
+        if not issubclass(w.category, UserWarning):  # not about the data: passed on as it came
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # classes left without val images are reported from the shards below
+        manifest = stratified_split(manifest, val_fraction=val_fraction, seed=seed)
     manifest["key"] = [f"s{i:08d}" for i in range(len(manifest))]
     classes = sorted(manifest["label"].unique().tolist())
 
-    # Decode + preprocess in worker processes, in manifest order (results are small PNGs).
-    workers = workers or max(1, min(os.cpu_count() or 1, 8))
     jobs = [(str(src / p), image_size or None, grayscale) for p in manifest["path"]]
-    encoded: list[tuple[bytes | None, str | None]] = []
     bar = progress_bar(total=len(jobs), desc=f"shard {src.name}", enabled=progress, unit="img")
-    if workers == 1:
-        for j in jobs:
-            encoded.append(_encode_one(j))
-            bar.update(1)
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for res in pool.map(_encode_one, jobs, chunksize=max(1, min(64, len(jobs) // (4 * workers) or 1))):
-                encoded.append(res)
-                bar.update(1)
+    pool = _DecoderPool(
+        jobs, workers=workers or min(os.cpu_count() or 1, 8), timeout_s=image_timeout_s, encode=_encode,
+        on_result=bar.update,
+    )
+    encoded = pool.run()
     bar.close()
     manifest["status"] = ["ok" if png is not None else "skipped" for png, _ in encoded]
     skipped = [
@@ -148,6 +527,7 @@ def write_shards(
         info = _write_split_shards(
             manifest, encoded, tmp, classes=classes, seed=seed, samples_per_shard=samples_per_shard
         )
+        notes += _shard_problems(info["splits"], classes, val_fraction=val_fraction)
         info.update(
             format_version=FORMAT_VERSION,
             source=str(src.resolve()),
@@ -157,27 +537,53 @@ def write_shards(
             seed=seed,
             preprocess={"image_size": image_size or None, "grayscale": grayscale, "format": "png"},
             skipped=len(skipped),
-            ignored_non_images=len(ignored),
+            ignored=dict(Counter(reason for _, reason in ignored)),
+            ignored_non_images=sum(reason == NOT_AN_IMAGE for _, reason in ignored),
+            warnings=notes,
         )
         manifest.to_csv(tmp / "manifest.csv", index=False)
         pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(tmp / "skipped.csv", index=False)
-        if ignored:
-            pd.DataFrame({"path": ignored}).to_csv(tmp / "ignored.csv", index=False)
+        pd.DataFrame(ignored, columns=["path", "reason"]).to_csv(tmp / "ignored.csv", index=False)
         (tmp / INFO_NAME).write_text(json.dumps(info, indent=2))
-        if out.exists():
-            # Move the old output aside first so a crash never leaves neither.
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        _move_into_place(tmp, out, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
     info["_skipped_list"] = skipped
     info["_ignored_list"] = ignored
+    info["_warnings"] = list(notes)
     return info
+
+
+def _shard_problems(splits: dict, classes: list[str], *, val_fraction: float) -> list[str]:
+    """Warning lines for what the written shards lack: a whole split, the training images of
+    a class (the split leaves every class one, so they were all unreadable), the validation
+    images of a class (too few images to spare one, or unreadable)."""
+    train, val = splits["train"], splits["val"]
+    notes = []
+    if train["num_samples"] == 0:
+        notes.append("the train split is empty: no image was readable (see skipped.csv)")
+    else:
+        untrained = [c for c in classes if train["class_counts"][c] == 0]
+        if untrained:
+            notes.append(
+                f"{len(untrained)} class(es) without any training image, all unreadable (see skipped.csv): {_names(untrained)}"
+            )
+    if val["num_samples"] == 0:
+        notes.append(
+            f"the val split is empty (val_fraction={val_fraction} spares no class a validation image, or those are "
+            "unreadable): validation needs some"
+        )
+    else:
+        unvalidated = [c for c in classes if val["class_counts"][c] == 0 and train["class_counts"][c] > 0]
+        if unvalidated:
+            notes.append(
+                f"{len(unvalidated)} class(es) without a validation image (too few images to spare one, or it is "
+                f"unreadable): {_names(unvalidated)}"
+            )
+    return notes
 
 
 def _write_split_shards(
@@ -229,6 +635,59 @@ def _write_split_shards(
     return {"splits": splits}
 
 
+def shard_report_lines(info: dict, out: str | Path, *, seconds: float | None = None) -> list[str]:
+    """The summary to print after :func:`write_shards` returned ``info`` for ``out``.
+
+    Lines: what was written (``seconds`` appended when given); the skipped images (the first
+    10 with their reason); the ignored files counted per reason; one ``warning: ...`` line per
+    problem found while sharding. Works on a :func:`read_info` dict too (without the names
+    of the skipped images).
+    """
+    out = Path(out)
+    tr, va = info["splits"]["train"], info["splits"]["val"]
+    took = f" ({seconds:.1f} s)" if seconds is not None else ""
+    lines = [
+        f"wrote {out}: {info['num_classes']} classes, train {tr['num_samples']} images in "
+        f"{len(tr['filenames'])} shards, val {va['num_samples']} in {len(va['filenames'])} shards{took}"
+    ]
+    if info["skipped"]:
+        lines.append(f"skipped {info['skipped']} unreadable images (reasons in {out / 'skipped.csv'}):")
+        listed = info.get("_skipped_list", [])[:10]
+        lines += [f"  {path}: {reason}" for path, reason in listed]
+        if info["skipped"] > len(listed):
+            lines.append(f"  ... and {info['skipped'] - len(listed)} more")
+    ignored = info.get("ignored") or ({NOT_AN_IMAGE: info["ignored_non_images"]} if info.get("ignored_non_images") else {})
+    if ignored:  # (shards of older versions counted only the files without an image extension)
+        per_reason = ", ".join(f"{reason}: {n}" for reason, n in sorted(ignored.items(), key=lambda kv: (-kv[1], kv[0])))
+        lines.append(f"ignored {sum(ignored.values())} files (listed in {out / 'ignored.csv'}): {per_reason}")
+    lines += [f"warning: {note}" for note in info.get("warnings", [])]
+    return lines
+
+
+def check_trainable(info: dict, *, folder: str | Path) -> None:
+    """Refuse, in one line, shards a training run cannot use.
+
+    Refused: an empty train split; a class with no training sample (it is a class of the
+    model, yet could never be learnt); an empty val split (validation needs it). A class
+    with training but no validation images only weakens validation: allowed (write_shards
+    warned). ``class_counts`` are optional (hand-made shards): without them, per-class
+    counts are not checked.
+    """
+    splits = info["splits"]
+    problems = []
+    train = splits.get("train") or {}
+    if not train.get("num_samples"):
+        problems.append("the train split is empty")
+    elif "class_counts" in train:
+        untrained = [c for c in info["classes"] if not train["class_counts"].get(c)]
+        if untrained:
+            problems.append(f"{len(untrained)} class(es) without training images: {_names(untrained)}")
+    if not (splits.get("val") or {}).get("num_samples"):
+        problems.append("the val split is empty (validation needs images: re-shard with a larger --val_fraction)")
+    if problems:
+        raise DataError(f"{folder}: cannot train on these shards: " + "; ".join(problems))
+
+
 def is_remote(folder: str | Path) -> bool:
     """Shards elsewhere: a URL (``http://host/shards``) or a template with ``{}`` for the
     file name (``pipe:aws s3 cp s3://bucket/shards/{} -``), read through WebDataset's gopen."""
@@ -236,27 +695,46 @@ def is_remote(folder: str | Path) -> bool:
     return "{}" in s or "://" in s
 
 
+PLAIN_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
 def shard_url(folder: str | Path, name: str) -> str:
-    """Where file ``name`` of a shard folder lives: local path, URL or filled-in template."""
+    """Where file ``name`` of a shard folder lives: local path, URL or filled-in template.
+
+    ``name`` must be a plain file name (letters, digits, ``_.-``, not starting with ``.`` or
+    ``-``): gopen runs a ``pipe:`` template in a shell, so a name is data that must not be
+    able to end the command, start an option or leave the folder. Such a name needs no shell
+    quoting (``shlex.quote`` of such a name is the name itself, so a ``{}`` the user quoted in
+    the template stays valid); it is quoted anyway for a ``pipe:`` template, as a second guard.
+    A local path is made absolute: gopen reads a scheme from any ``word:`` prefix, so a
+    relative folder called ``pipe:x`` or ``data:2024`` must never reach it as such.
+    """
+    if not PLAIN_FILE_NAME.fullmatch(name):
+        raise DataError(f"refusing to use {_short(name)} as a shard file name: not a plain file name")
     s = str(folder)
     if "{}" in s:
-        return s.replace("{}", name)
+        return s.replace("{}", shlex.quote(name) if s.startswith("pipe:") else name)
     if "://" in s:
         return s.rstrip("/") + "/" + name
-    return str(Path(s) / name)
+    return os.path.join(os.path.abspath(s), name)
 
 
 def read_info(folder: str | Path) -> dict:
-    """Load ``_info.json`` of a shard folder, with a one-line error when it is missing."""
+    """Load and check ``_info.json`` of a shard folder (one-line error when missing or bad).
+
+    The content is untrusted (it may come from a remote location): :func:`_check_info`
+    type-checks it here, the one place every consumer goes through.
+    """
     if is_remote(folder):
         import webdataset as wds
 
         url = shard_url(folder, INFO_NAME)
         try:
             with wds.gopen(url) as f:
-                return json.loads(f.read())
+                info = json.loads(f.read())
         except Exception as exc:  # noqa: BLE001 - any transport error becomes one line
             raise DataError(f"cannot read {url}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        return _check_info(info, url)
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"shard folder not found: {folder}")
@@ -264,19 +742,98 @@ def read_info(folder: str | Path) -> dict:
     if not path.is_file():
         raise DataError(f"{folder}: no {INFO_NAME} (was it written by `toolkit shard`?)")
     try:
-        return json.loads(path.read_text())
+        info = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from None
+    return _check_info(info, str(path))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_count(x: Any) -> bool:
+    return _is_int(x) and x >= 0
+
+
+def _check_info(info: Any, where: str) -> dict:
+    """``info`` if it has the shape consumers rely on, else DataError naming the bad entry.
+
+    Required: ``classes`` (list of str) and ``splits`` ({name: split}); per split
+    ``num_samples`` (int >= 0) and ``filenames`` (shard names as the writer writes them,
+    ``<split>-NNNNNN.tar``). Optional, checked when present: ``num_classes``; per split
+    ``shard_lengths`` (ints >= 0), ``sha256`` (hex digests), ``class_counts`` ({class: int
+    >= 0}); ``preprocess.image_size`` (None or int >= 0) and ``preprocess.grayscale`` (bool).
+    """
+
+    def bad(key: str, value: Any, expected: str) -> DataError:
+        return DataError(f"{where}: bad {key} = {_short(value)} (expected {expected})")
+
+    if not isinstance(info, dict):
+        raise bad("content", info, "a JSON object")
+    classes = info.get("classes")
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise bad("classes", classes, "a list of class names")
+    if "num_classes" in info and not _is_count(info["num_classes"]):
+        raise bad("num_classes", info["num_classes"], "an int >= 0")
+    splits = info.get("splits")
+    if not isinstance(splits, dict):
+        raise bad("splits", splits, "an object of splits")
+    for name, split in splits.items():
+        if not SPLIT_NAME.fullmatch(name):
+            raise bad("split name", name, "letters, digits and _")
+        if not isinstance(split, dict):
+            raise bad(f"splits.{name}", split, "an object")
+        _check_split(split, f"splits.{name}", bad)
+    preprocess = info.get("preprocess", {})
+    if not isinstance(preprocess, dict):
+        raise bad("preprocess", preprocess, "an object")
+    if preprocess.get("image_size") is not None and not _is_count(preprocess["image_size"]):
+        raise bad("preprocess.image_size", preprocess["image_size"], "null or an int >= 0")
+    if "grayscale" in preprocess and not isinstance(preprocess["grayscale"], bool):
+        raise bad("preprocess.grayscale", preprocess["grayscale"], "true or false")
+    return info
+
+
+_SPLIT_LISTS = (  # per split: list field, check of one item, what is expected
+    ("filenames", lambda v: isinstance(v, str) and bool(SHARD_NAME.fullmatch(v)), "shard names like train-000000.tar"),
+    ("shard_lengths", _is_count, "ints >= 0"),
+    ("sha256", lambda v: isinstance(v, str) and bool(re.fullmatch(r"[0-9a-f]{64}", v)), "sha256 hex digests"),
+)
+
+
+def _check_split(split: dict, key: str, bad: Callable[[str, Any, str], DataError]) -> None:
+    if not _is_count(split.get("num_samples")):
+        raise bad(f"{key}.num_samples", split.get("num_samples"), "an int >= 0")
+    if "filenames" not in split:
+        raise bad(f"{key}.filenames", None, "a list of shard names")
+    for name, ok, expected in _SPLIT_LISTS:
+        values = split.get(name, [])
+        if not isinstance(values, list):
+            raise bad(f"{key}.{name}", values, f"a list of {expected}")
+        for i, v in enumerate(values):
+            if not ok(v):
+                raise bad(f"{key}.{name}[{i}]", v, expected)
+    counts = split.get("class_counts", {})
+    if not isinstance(counts, dict) or not all(isinstance(c, str) and _is_count(n) for c, n in counts.items()):
+        raise bad(f"{key}.class_counts", counts, "an object of class name: int >= 0")
 
 
 def verify_shards(folder: str | Path) -> list[str]:
-    """Return the shard files whose sha256 differs from ``_info.json`` (empty list = all good)."""
+    """Return the shard files whose sha256 differs from ``_info.json`` (empty list = all good).
+
+    A shard without a recorded digest cannot be verified and is listed too. Local folders only.
+    """
+    if is_remote(folder):
+        raise DataError(f"{folder}: verify_shards reads a local shard folder, not a URL or template")
     folder = Path(folder)
     info = read_info(folder)
     bad = []
     for split in info["splits"].values():
-        for name, digest in zip(split["filenames"], split["sha256"]):
+        digests = split.get("sha256", [])
+        for i, name in enumerate(split["filenames"]):
             p = folder / name
-            if not p.is_file() or _sha256(p) != digest:
+            if i >= len(digests) or not p.is_file() or _sha256(p) != digests[i]:
                 bad.append(name)
     return bad
