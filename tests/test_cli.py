@@ -100,3 +100,23 @@ def test_leftover_arguments_rejected_before_any_work(tmp_path, extra):
     r = run("shard", src, out, "--workers", 1, *extra)
     assert r.returncode != 0
     assert not out.exists(), f"`toolkit shard SRC OUT {' '.join(extra)}` wrote {out} before failing"
+
+
+def test_paths_on_the_command_line_stay_strings(tmp_path, monkeypatch, capsys):
+    """fire turns `2024` into an int, `True` into a bool, `a,b` into a tuple: paths must arrive as typed."""
+    from toolkit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    names = ["2024", "True", "a,b", "[x]", "1e3", "None", "it's"]
+    for name in names:
+        with pytest.raises(SystemExit) as exc:
+            main(["shard", name, "out"])
+        assert exc.value.code == 2 and _lines(capsys.readouterr().err) == [f"error: image folder not found: {name}"]
+        with pytest.raises(SystemExit):
+            main(["evaluate", f"{name}-run", "--shards", name])
+        assert _lines(capsys.readouterr().err) == [f"error: run not found: {name}-run"]
+    # a folder with such a name is sharded like any other, also by the installed command
+    make_image_folder(tmp_path / "2024", {"a": 3, "b": 3}, size=(6, 6))
+    r = run("shard", "2024", "2024-out", "--workers", 1, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "2024-out" / "_info.json").is_file()

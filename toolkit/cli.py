@@ -1,17 +1,24 @@
 """``toolkit`` command line (fire). Run ``toolkit --help`` or ``toolkit COMMAND --help``.
 
-Commands: shard, demo, bench. Training runs through ``accelerate launch launch/embed.py``
-(see README) so the same command works on CPU, one GPU, many GPUs and many machines.
+Commands:
+  shard     image folder -> WebDataset shards (+ manifest, skipped/ignored lists, _info.json)
+  demo      the whole job on scikit-learn's handwritten digits: shard, embed, classify, report
+  evaluate  kNN (and head) accuracy of a trained run on a shard split
+  predict   label + confidence for image files
+  export    embeddings of a split as a table + .npy arrays
+  sweep     W&B sweeps over the launch scripts (or --local / --dry_run offline)
+  bench     benchmarks that print both sides of a comparison in one run
 
-fire would run a function *before* complaining about a flag it does not know, so
-:func:`main` checks every ``--flag`` against the command's signature first and stops with
-one line naming the bad flag.
+Training runs through ``accelerate launch launch/embed.py`` (and ``launch/classify.py``; see
+the README) so the same command works on CPU, one GPU, many GPUs and many machines.
+``python -m toolkit`` is the same command line.
 """
 from __future__ import annotations
 
 import inspect
 import sys
 import time
+import typing
 from pathlib import Path
 
 from toolkit.config import ConfigError
@@ -28,6 +35,7 @@ def shard(
     grayscale: bool = True,
     samples_per_shard: int = 1000,
     workers: int = 0,
+    image_timeout_s: float = 60.0,
     overwrite: bool = False,
 ):
     """Write an image folder (one sub-folder per class) as WebDataset shards.
@@ -46,8 +54,9 @@ def shard(
         image_size: images are resized to SIZE x SIZE at shard time (the seed uses 32); 0 keeps the original size.
         grayscale: convert to one grey channel (the seed does); --nograyscale keeps RGB.
         samples_per_shard: samples per tar file.
-        workers: preprocessing processes (0 = one per CPU core, at most 8).
-        overwrite: replace OUT if it exists (the old one is removed only after the new one is complete).
+        workers: preprocessing processes (0 = one per CPU core, at most 8); an image that crashes or hangs its process is skipped and listed, it never stops the run.
+        image_timeout_s: seconds one image may take to decode and preprocess before it is skipped (listed in skipped.csv).
+        overwrite: replace OUT if it is a shard folder written by `toolkit shard` (or empty); the old one is removed only after the new one is complete. Anything else at OUT, and an OUT inside SRC or holding it, is refused.
     """
     from toolkit.data.shards import write_shards
 
@@ -61,26 +70,16 @@ def shard(
         grayscale=grayscale,
         samples_per_shard=samples_per_shard,
         workers=workers or None,
+        image_timeout_s=image_timeout_s,
         overwrite=overwrite,
     )
     _print_shard_summary(info, out, time.time() - t0)
 
 
 def _print_shard_summary(info: dict, out: str | Path, seconds: float) -> None:
-    tr, va = info["splits"]["train"], info["splits"]["val"]
-    print(
-        f"wrote {out}: {info['num_classes']} classes, train {tr['num_samples']} images in "
-        f"{len(tr['filenames'])} shards, val {va['num_samples']} in {len(va['filenames'])} shards "
-        f"({seconds:.1f} s)"
-    )
-    if info["skipped"]:
-        print(f"skipped {info['skipped']} unreadable images (reasons in {Path(out) / 'skipped.csv'}):")
-        for path, reason in info["_skipped_list"][:10]:
-            print(f"  {path}: {reason}")
-        if info["skipped"] > 10:
-            print(f"  ... and {info['skipped'] - 10} more")
-    if info["ignored_non_images"]:
-        print(f"ignored {info['ignored_non_images']} non-image files (listed in {Path(out) / 'ignored.csv'})")
+    from toolkit.data.shards import shard_report_lines
+
+    print("\n".join(shard_report_lines(info, out, seconds=seconds)))
 
 
 def _repo_file(*parts: str) -> Path:
@@ -322,45 +321,66 @@ COMMANDS = {
 }
 
 
-def _check_flags(argv: list[str]) -> None:
-    """Reject unknown ``--flags`` before fire runs anything."""
+def _prepare_argv(argv: list[str]) -> list[str]:
+    """Check ``argv`` against the command's signature and return what fire should parse.
+
+    Two things fire gets wrong on its own. It runs the function *before* complaining about a
+    flag it does not know, so unknown ``--flags`` and extra positionals are refused here, before
+    any work. And it turns every argument into a Python value (``2024`` an int, ``True`` a bool,
+    ``a,b`` a tuple, ``[x]`` a list), so a folder called ``2024`` would arrive as a number:
+    every argument of a parameter typed ``str`` (paths, names) is handed to fire as a quoted
+    string literal, which fire reads back as exactly the string that was typed.
+    """
     if not argv or argv[0] not in COMMANDS:
-        return
+        return argv
     fn = COMMANDS[argv[0]]
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return  # the command validates its own options (e.g. bench)
+        return argv  # the command validates its own options (e.g. bench)
+    is_str = {name: hint is str for name, hint in typing.get_type_hints(fn).items()}
     known = set(params)
     positional = [k for k, p in params.items() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
     options = ", ".join("--" + k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
-    varargs = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params.values())
+    varargs = next((k for k, p in params.items() if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
 
     def takes_value(name: str) -> bool:
         return not isinstance(params[name].default, bool)
 
-    n_positional, i, rest = 0, 0, argv[1:]
+    def literal(name: str | None, value: str) -> str:
+        return repr(value) if name is not None and is_str.get(name) else value
+
+    out, n_positional, i, rest = [argv[0]], 0, 0, argv[1:]
     while i < len(rest):
         tok = rest[i]
         if tok in ("--", "-h", "--help"):
-            return  # fire shows help / separates its own flags
+            return out + rest[i:]  # fire shows help / separates its own flags
         if tok.startswith("-"):
-            body = tok.lstrip("-").split("=", 1)[0].replace("-", "_")
+            flag, eq, value = tok.partition("=")
+            body = flag.lstrip("-").replace("-", "_")
             if tok.startswith("--"):
                 name = body[2:] if body.startswith("no") and body[2:] in known else body
             else:  # fire's short flag: the unique parameter starting with that letter
                 matches = [k for k in params if k.startswith(body)] if len(body) == 1 else []
                 name = matches[0] if len(matches) == 1 else None
             if name not in known:
-                raise ConfigError(f"toolkit {argv[0]}: unknown option {tok.split('=', 1)[0]} (known: {options})")
+                raise ConfigError(f"toolkit {argv[0]}: unknown option {flag} (known: {options})")
             if name in positional:
                 n_positional += 1
-            if "=" not in tok and takes_value(name) and not body.startswith("no"):
-                i += 1  # `--flag value`
+            if eq:
+                out.append(f"{flag}={literal(name, value)}")
+            elif takes_value(name) and not body.startswith("no") and i + 1 < len(rest):
+                out += [tok, literal(name, rest[i + 1])]  # `--flag value`
+                i += 1
+            else:
+                out.append(tok)
         else:
             n_positional += 1
-            if n_positional > len(positional) and not varargs:
+            if n_positional > len(positional) and varargs is None:
                 raise ConfigError(f"toolkit {argv[0]}: unexpected argument {tok!r} (takes {len(positional)}: {' '.join(p.upper() for p in positional)})")
+            name = positional[n_positional - 1] if n_positional <= len(positional) else varargs
+            out.append(literal(name, tok))
         i += 1
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -370,8 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if argv and argv[0] in COMMANDS and ("--help" in argv or "-h" in argv) and "--" not in argv:
             argv = [argv[0], "--", "--help"]  # fire's own help syntax (else **options would swallow it)
-        _check_flags(argv)
-        fire.Fire(COMMANDS, command=argv, name="toolkit")
+        fire.Fire(COMMANDS, command=_prepare_argv(argv), name="toolkit")
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
