@@ -116,3 +116,58 @@ def test_export_round_trip(tmp_path, tmp_path_factory):
     # the same rows evaluate scores
     res = run_split(base["embed"], base["shards"], "val", "none")
     assert list(keys) == res.keys and np.allclose(emb, res.embeddings.numpy())
+
+
+# --------------------------------------------------------------------------- untrusted model files
+
+@pytest.mark.parametrize("location", ["pipe:touch {marker}", "pipe:touch {marker}/{{}}", "http://127.0.0.1:9/{{}}"])
+def test_a_model_file_cannot_make_evaluate_or_predict_run_a_command(tmp_path, tmp_path_factory, location):
+    """weights_only loading vouches for types, not content: a shard location inside a model file
+    is used only when it is a local path, so `toolkit evaluate/predict RUN` never runs what the file says."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    base = shared_embed_run(tmp_path_factory)
+    payload = torch.load(base["embed"] / "best_embedder.pt", weights_only=True)
+    marker = tmp_path / "pwned"
+    payload["config"]["shards"] = location.format(marker=marker)
+    payload.pop("preprocess", None)
+    bad = tmp_path / "run"
+    bad.mkdir()
+    torch.save(payload, bad / "best_embedder.pt")
+    with pytest.raises(DataError, match="not a local folder"):
+        evaluate(bad)
+    image = next(iter(val_images(base).values()))
+    with pytest.raises(DataError, match="not a local folder"):
+        predict(bad, [image])
+    with pytest.raises(DataError, match="not a local folder"):
+        export(bad, None, tmp_path / "e.csv")
+    if location == "pipe:touch {marker}":  # once, the way users run it
+        toolkit = str(Path(sys.executable).with_name("toolkit"))
+        r = subprocess.run([toolkit, "evaluate", str(bad)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "never from a file" in r.stderr, r.stderr
+    assert not marker.exists(), "a command written into a model file was run"
+    # the user can still name the shards themselves
+    assert evaluate(bad, base["shards"])["num_samples"] == 24
+
+
+def test_malformed_model_files_are_one_line_errors(tmp_path, tmp_path_factory):
+    base = shared_embed_run(tmp_path_factory)
+    good = torch.load(base["embed"] / "best_embedder.pt", weights_only=True)
+    cases = {
+        "not a dict": [1, 2, 3],
+        "no config": {"model": good["model"]},
+        "classes not a list": {**good, "classes": "abc"},
+        "class names not strings": {**good, "classes": [1, 2, 3, 4]},
+        "no weights": {**{k: v for k, v in good.items() if k != "model"}},
+        "head without embedder path": {"kind": "head", "config": {}, "classes": ["a"], "head": {}, "embedder": 7},
+        "absurd preprocessing": {**good, "preprocess": {"image_size": 10**9, "grayscale": True}},
+    }
+    image = next(iter(val_images(base).values()))
+    for name, payload in cases.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.pt"
+        torch.save(payload, path)
+        with pytest.raises(DataError) as err:
+            predict(path, [image])
+        assert "\n" not in str(err.value) and str(path) in str(err.value), name

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from toolkit.checkpoint import CheckpointError, safe_load
 from toolkit.data.folder import DataError
+from toolkit.data.location import from_file_message, is_local_location
 from toolkit.data.shards import load_and_preprocess, read_info
 from toolkit.data.transforms import to_model_input
 from toolkit.models import build_embedder, build_head
@@ -80,9 +81,29 @@ def _load(path: Path) -> dict:
         payload = safe_load(path)
     except CheckpointError as exc:  # one-line error type the CLI already reports cleanly
         raise DataError(str(exc)) from exc
-    if not isinstance(payload, dict) or "config" not in payload:
+    if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
         raise DataError(f"{path}: not a toolkit model file (no config inside)")
+    # weights_only vouches for the types, not for the content: check what the code relies on.
+    expected = {"classes": list, "model": dict} if payload.get("kind") != "head" else {"classes": list, "head": dict, "embedder": str}
+    for key, typ in expected.items():
+        if not isinstance(payload.get(key), typ):
+            raise DataError(f"{path}: not a toolkit model file ({key!r} is missing or not a {typ.__name__})")
+    if not all(isinstance(c, str) for c in payload["classes"]):
+        raise DataError(f"{path}: not a toolkit model file (class names are not all strings)")
     return payload
+
+
+def recorded_shards(payload: dict, source: str | Path) -> str:
+    """The shard folder a saved model (``source``) says it was trained on, if it is a local path.
+
+    A model file is data: a location it records is never opened when it is a URL or a
+    ``pipe:`` command (that would run whatever the file's author wrote); the user must then
+    name the shards themselves.
+    """
+    location = payload["config"].get("shards")
+    if not is_local_location(location):
+        raise DataError(from_file_message(location, source))
+    return location
 
 
 def open_run(run: str | Path) -> Run:
@@ -265,7 +286,10 @@ def run_split(
 
     run = _as_run(run)
     method = _resolve_method(run, method)
-    shards = str(shards or (run.head or run.embedder)["config"]["shards"])
+    if not shards:  # the folder the model was trained on, when it is a plain local path
+        saved, path = (run.head, run.head_path) if run.head is not None else (run.embedder, run.embedder_path)
+        shards = recorded_shards(saved, path)
+    shards = str(shards)
     info = read_info(shards)
     check_classes(info["classes"], run.classes, shards=shards)
     dev = _device(device)
@@ -346,17 +370,31 @@ def evaluate(run, shards: str | Path | None = None, split: str = "val", method: 
 def preprocess_params(run: Run, shards: str | Path | None = None) -> dict:
     """The shard-time preprocessing (image_size, grayscale) images must get before the model."""
     if shards is not None:
-        return read_info(shards)["preprocess"]
-    for payload in (run.head, run.embedder):
+        return _checked_preprocess(read_info(shards)["preprocess"], shards)
+    for payload, path in ((run.head, run.head_path), (run.embedder, run.embedder_path)):
         if payload is not None and "preprocess" in payload:
-            return payload["preprocess"]
-    trained_on = run.embedder["config"]["shards"]
+            return _checked_preprocess(payload["preprocess"], path)
     try:
-        return read_info(trained_on)["preprocess"]
+        trained_on = recorded_shards(run.embedder, run.embedder_path)
+        return _checked_preprocess(read_info(trained_on)["preprocess"], trained_on)
     except DataError as exc:
         raise DataError(
             f"cannot tell how to preprocess images: {exc}; pass shards=<the shard folder the embedder was trained on>"
         ) from None
+
+
+MAX_IMAGE_SIZE = 4096  # a recorded resize target beyond this is not one `toolkit shard` wrote
+
+
+def _checked_preprocess(pre, source) -> dict:
+    """Refuse preprocessing parameters no shard writer produces (read from a file: untrusted)."""
+    size = pre.get("image_size") if isinstance(pre, dict) else "missing"
+    ok = isinstance(pre, dict) and isinstance(pre.get("grayscale", True), bool) and (
+        size is None or (isinstance(size, int) and not isinstance(size, bool) and 1 <= size <= MAX_IMAGE_SIZE)
+    )
+    if not ok:
+        raise DataError(f"{source}: bad preprocessing record {str(pre)[:120]!r} (image_size must be empty or 1..{MAX_IMAGE_SIZE}, grayscale true/false)")
+    return pre
 
 
 def _read_image(path: str, pre: dict) -> torch.Tensor:
