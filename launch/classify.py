@@ -4,11 +4,13 @@
     accelerate launch launch/classify.py --config FILE.yaml [key=value ...]
 
 Story: resolve config (unknown keys, a missing embedder or mismatched shards fail here,
-before any work) -> Accelerator -> tracker on rank 0 -> fit_head() -> report on rank 0.
+before any work) -> Accelerator -> the run folder made this job's (RUN/.lock; overwrite=true
+moves the previous run aside) -> tracker on rank 0 -> fit_head() -> report on rank 0.
 Everything reusable lives in toolkit/.
 """
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -22,15 +24,18 @@ def main(argv: list[str]) -> int:
     # 1. Config and inputs: fail fast, before processes sync or data is read.
     try:
         cfg = config_from_argv(ClassifyConfig, argv)
-        from toolkit.data.shards import read_info
+        from toolkit.data.shards import check_trainable, read_info
         from toolkit.engine.classify import check_run_dir
-        from toolkit.inference import check_classes, open_run
+        from toolkit.inference import check_classes, open_run, recorded_shards
         from toolkit.sweep import trial_run_dir
 
         cfg.run_dir = trial_run_dir(cfg.run_dir)  # before the check: a sweep trial gets its own folder
         run = open_run(cfg.embedder)
-        shards = cfg.shards or run.embedder["config"]["shards"]
-        check_classes(read_info(shards)["classes"], run.classes, shards=shards)
+        # default: the embedder's shards, if the model file names a plain local folder
+        cfg.shards = cfg.shards or recorded_shards(run.embedder, run.embedder_path)
+        info = read_info(cfg.shards)
+        check_trainable(info, folder=cfg.shards)
+        check_classes(info["classes"], run.classes, shards=cfg.shards)
         check_run_dir(cfg.run_dir, overwrite=cfg.overwrite)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -39,28 +44,45 @@ def main(argv: list[str]) -> int:
     # 2. Accelerator: created here and nowhere else.
     from accelerate.utils import set_seed
 
-    from toolkit.engine.accelerator import make_accelerator, start_tracker
-    from toolkit.engine.classify import clear_run_dir, fit_head
-    from toolkit.inference import HEAD_FILE
+    from toolkit.engine.accelerator import make_accelerator
 
     accelerator = make_accelerator(precision=cfg.precision, collective_timeout_s=cfg.collective_timeout_s)
     set_seed(cfg.seed)  # same initial head on every rank
 
-    # 3. Tracking on rank 0 only; a rerun with overwrite=true starts from a clean folder.
+    # 3. Run folder: this job's alone (RUN/.lock, taken by rank 0 and agreed by every rank);
+    #    overwrite=true moves the previous run into RUN/previous-<time>/ before anything is written.
+    from toolkit.rundir import claim_run_dir
+
     run_dir = Path(cfg.run_dir)
-    if accelerator.is_main_process and cfg.overwrite:
-        clear_run_dir(run_dir)
-    accelerator.wait_for_everyone()
+    try:
+        claim = claim_run_dir(
+            accelerator, run_dir, overwrite=cfg.overwrite, command=f"launch/classify.py {shlex.join(argv)}",
+            check=lambda: check_run_dir(run_dir, overwrite=cfg.overwrite),
+        )
+    except ConfigError as exc:
+        sys.stderr.write(f"error: {exc}\n")  # one write: every rank prints it, and lines must not interleave
+        return 2
+    with claim:  # the lock goes when the run ends, on failure too
+        return train(cfg, accelerator, run_dir, embedder_path=run.embedder_path)
+
+
+def train(cfg: ClassifyConfig, accelerator, run_dir: Path, *, embedder_path: Path) -> int:
+    """Tracker -> fit_head() -> report, in a run folder this job holds. Returns the exit status."""
+    from toolkit.engine.accelerator import start_tracker
+    from toolkit.engine.classify import fit_head
+    from toolkit.inference import HEAD_FILE
+
+    # 4. Tracking on rank 0 only.
     tracker = start_tracker(
         accelerator, kind=cfg.tracker, run_dir=run_dir, config=to_dict(cfg), project=cfg.project,
         name=cfg.name, job_type="classify",
     )
     accelerator.print(
         f"classify: {accelerator.num_processes} process(es) on {accelerator.device.type}, "
-        f"embedder {run.embedder_path}, run dir {run_dir}"
+        f"embedder {embedder_path}, run dir {run_dir}"
     )
 
-    # 4. Train, then report (rank 0: kNN vs head on the validation split, plots).
+    # 5. Train, then report (rank 0: kNN vs head on the validation split, plots).
     try:
         with tracker:
             summary = fit_head(cfg, accelerator, tracker)

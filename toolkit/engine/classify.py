@@ -8,7 +8,7 @@ One step, on every rank::
 Only the head and its optimiser go through ``accelerator.prepare`` (DDP averages the head's
 gradients); the embedder never trains, so it stays a plain module on the device, in eval
 mode (BatchNorm running statistics never move) with ``requires_grad`` off. The loader is not
-prepared either: ShardStream already splits by rank with equal batch counts (DESIGN.md).
+prepared either: ShardStream already splits by rank with equal batch counts (see toolkit/data/stream.py).
 
 The validation split is embedded once (the embedder is frozen, so its embeddings never
 change): every rank embeds its share, rank 0 assembles them and, after each epoch, scores
@@ -19,7 +19,6 @@ embedder runs once over the train split instead of once per epoch.
 """
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -33,30 +32,22 @@ from toolkit.data.shards import read_info
 from toolkit.data.stream import ShardStream, make_loader
 from toolkit.data.transforms import to_model_input
 from toolkit.engine.validate import embed_split, gather_to_main
-from toolkit.inference import EMBEDDER_FILE, HEAD_FILE, check_classes, knn_predict, load_embedder, open_run
+from toolkit.inference import EMBEDDER_FILE, HEAD_FILE, check_classes, knn_predict, load_embedder, open_run, recorded_shards
 from toolkit.models import build_head
 from toolkit.tracking import progress
 
-# Files a classifier run writes; `overwrite=true` clears them so curves never mix two runs.
-RUN_FILES = (HEAD_FILE, "metrics.jsonl", "summary.json", "report.json", "report.md")
-
 
 def check_run_dir(run_dir: str | Path, *, overwrite: bool) -> None:
-    """Refuse to reuse a finished classifier run folder unless ``overwrite``, and an embedding run's folder always."""
+    """Refuse to reuse a finished classifier run folder unless ``overwrite``, and an embedding run's folder always.
+
+    ``overwrite=true`` then moves the previous run aside (toolkit/rundir.py), never deletes it.
+    """
     if (Path(run_dir) / EMBEDDER_FILE).exists():
-        # overwrite would clear the embedding run's metrics.jsonl; and a folder holding both
+        # overwrite would move the embedding run's files aside; and a folder holding both
         # models would make `run` ambiguous for evaluate/predict
         raise ConfigError(f"run_dir {run_dir} holds an embedding run ({EMBEDDER_FILE}): give the classifier its own folder")
     if (Path(run_dir) / HEAD_FILE).exists() and not overwrite:
         raise ConfigError(f"{run_dir} already holds {HEAD_FILE}: pass overwrite=true to start over")
-
-
-def clear_run_dir(run_dir: str | Path) -> None:
-    """Remove a previous run's outputs (main process only, before the tracker opens metrics.jsonl)."""
-    run_dir = Path(run_dir)
-    for name in RUN_FILES:
-        (run_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / "plots", ignore_errors=True)
 
 
 def head_payload(
@@ -97,7 +88,7 @@ def fit_head(cfg: ClassifyConfig, accelerator, tracker) -> dict:
     embedder, payload = load_embedder(run, device)  # eval mode, requires_grad False
     ecfg = payload["config"]
     input_size = ecfg["input_size"]
-    shards = str(cfg.shards or ecfg["shards"])
+    shards = str(cfg.shards or recorded_shards(payload, run.embedder_path))
     info = read_info(shards)
     check_classes(info["classes"], payload["classes"], shards=shards)
     classes = list(payload["classes"])
