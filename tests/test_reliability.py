@@ -199,8 +199,14 @@ def test_one_rank_killed_then_resume_continues_over_damaged_shards(tmp_path, cor
     both = out + out2
     assert f"skipping unreadable data in train-000000.tar, sample {bad_key} (" in both, both[-4000:]
     assert "skipping unreadable data in train-000001.tar (" in both, both[-4000:]
-    assert re.search(r"skipped so far by this loader\): DataError: only \d+ of 32 samples found \(truncated shard\?\)", both)
-    assert max(int(c) for c in re.findall(r"\((\d+) skipped so far by this loader\)", both)) >= 2, "skips are counted"
+    assert re.search(r"skipped so far by this loader worker\): DataError: only \d+ of 32 samples found \(truncated shard\?\)", both)
+    assert max(int(c) for c in re.findall(r"\((\d+) skipped so far by this loader worker\)", both)) >= 2, "skips are counted"
+    # ... and totalled over loader workers and both ranks: one line per epoch, and summary.json.
+    assert re.search(r"warning: epoch \d+: skipped \d+ training samples over all ranks \(unreadable \d+", out2), out2[-4000:]
+    skipped = json.loads((run_dir / "summary.json").read_text())["skipped_samples"]
+    assert skipped["unreadable"] >= 1 and skipped["short_shard"] >= 1 and skipped["bad_label"] == 0, skipped
+    # validation embeds the train split too and says what it could not read
+    assert re.search(r"warning: validation read (\d+) of the (\d+) train samples: \d+ skipped", out2), out2[-4000:]
 
 
 @pytest.mark.slow
@@ -405,7 +411,7 @@ def test_truncated_shard_is_reported_not_read_as_a_shorter_one(tmp_path):
         assert len(list(make_loader(s, num_workers=0))) == s.steps_per_epoch() == 5  # 20 // 4: the promised length
     damage = [str(w.message) for w in caught if "skipping unreadable" in str(w.message)]
     assert len(damage) == 1, damage
-    assert s._skipped >= 2, "every pass over the damaged shard is counted"
+    assert s.skip_counts()["short_shard"] >= 2, "every pass over the damaged shard is counted"
     with pytest.raises(DataError, match=r"corrupt shard data in val-000001\.tar .*only 3 of 10"):
         list(make_loader(ShardStream(folder, split="val", mode="eval", strict=True), num_workers=0))
 

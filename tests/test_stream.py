@@ -251,3 +251,31 @@ def test_tiny_shards_do_not_make_pk_loader_give_up(tmp_path):
         except Exception as exc:  # the DataLoader re-raises the worker's DataError
             outcome[rank] = str(exc).strip().splitlines()[-1][:120]
     assert outcome == {0: 5, 1: 5}
+
+
+def test_labels_outside_the_class_list_are_skipped_and_counted_over_workers(tmp_path):
+    """A `.cls` no class of _info.json has would train on a class that does not exist: skipped,
+    counted (summed over loader workers, each a separate process), or stopped with strict."""
+    folder = tmp_path / "bad-labels"
+    keys = craft_shards(folder, {"val": [6, 6], "train": [8, 8]}, num_classes=2)
+    bad = set()
+    for split, shard_index, sample in (("val", 0, 1), ("val", 1, 7), ("train", 0, 2), ("train", 1, 9)):
+        path = folder / f"{split}-00000{shard_index}.tar"
+        members = read_tar_samples(path)
+        key = sorted(members)[sample % 6]
+        members[key]["cls"] = b"7" if shard_index == 0 else b"-1"
+        write_tar(path, members)
+        bad.add(key)
+    with pytest.warns(UserWarning, match="outside the shard folder's 2 classes"):  # in this process
+        assert len([k for ks, _, _ in make_loader(ShardStream(folder, split="val", mode="eval"), num_workers=0) for k in ks]) == 10
+    stream = ShardStream(folder, split="val", mode="eval", batch_size=4)
+    seen = {k for ks, _, _ in make_loader(stream, num_workers=2) for k in ks}  # workers warn on their own stderr
+    assert seen == {k for k, _ in keys["val"]} - bad
+    assert stream.skip_counts() == {"unreadable": 0, "bad_label": 2, "short_shard": 0}  # one per worker process
+    train = ShardStream(folder, split="train", mode="train", batch_size=4, P=2, K=2)
+    batches = collect(make_loader(train, num_workers=2))
+    assert all(0 <= int(y) < 2 for _, _, labels in batches for y in labels)
+    assert not bad & {k for ks, _, _ in batches for k in ks}
+    assert train.skip_counts()["bad_label"] >= 2
+    with pytest.raises(DataError, match="outside the shard folder's 2 classes.*strict_data is on"):
+        collect(make_loader(ShardStream(folder, split="val", mode="eval", strict=True), num_workers=0))

@@ -1,7 +1,7 @@
 """Streaming loader across real processes: 2 gloo ranks × 2 workers, launched like users do.
 
 ``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2`` starts two CPU
-processes on gloo (``--cpu --num_processes 2`` starts only one, see DESIGN.md). The script
+processes on gloo (``--cpu --num_processes 2`` starts only one, see the README). The script
 does a collective after every training batch, so a rank with fewer batches would hang or
 fail the run; the subprocess timeout turns a hang into a failure.
 """

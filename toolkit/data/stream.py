@@ -49,6 +49,9 @@ from toolkit.data.shards import read_info, shard_url
 from toolkit.data.tario import tar_samples
 
 Mode = Literal["train", "eval"]
+# What a skipped item was: an unreadable sample or tar member, a label outside the class list,
+# a shard shorter than _info.json says (counted once per short shard per pass).
+SKIP_KINDS = ("unreadable", "bad_label", "short_shard")
 
 
 def pk_shape(*, batch_size: int, K: int, P: int = 0, num_classes: int) -> tuple[int, int]:
@@ -156,8 +159,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             self.P, self.K = 0, 0
         self.shuffle_buffer, self.seed, self.strict = shuffle_buffer, seed, strict
         self.epoch = 0
-        self._skipped = 0  # unreadable samples skipped (per loader worker: each holds a copy)
-        self._warned: set = set()  # (where, what) already warned about
+        self.reset_skip_counts(num_workers=0)
+        self._warned: set = set()  # (where, what) already warned about (per loader worker)
 
     # --- sizing ---------------------------------------------------------------------------
     @property
@@ -167,6 +170,20 @@ class ShardStream(torch.utils.data.IterableDataset):
     def steps_per_epoch(self) -> int:
         """Batches per rank per epoch: one pass over the split by all ranks together."""
         return max(1, self.num_samples // (self.world_size * self.train_batch_size))
+
+    # --- skip accounting ------------------------------------------------------------------
+    def reset_skip_counts(self, *, num_workers: int) -> None:
+        """Zero the skip counters, one row per loader worker, in shared memory.
+
+        Loader workers are separate processes holding copies of this object; a shared
+        (workers, kinds) tensor lets the main process read every worker's counts without a
+        lock (each worker writes only its own row). :func:`make_loader` calls this per epoch.
+        """
+        self._skips = torch.zeros(max(1, num_workers), len(SKIP_KINDS), dtype=torch.int64).share_memory_()
+
+    def skip_counts(self) -> dict[str, int]:
+        """Samples skipped since the last reset, by kind, summed over this rank's workers."""
+        return dict(zip(SKIP_KINDS, self._skips.sum(0).tolist()))
 
     def set_epoch(self, epoch: int) -> None:
         # Workers are started afresh each epoch with a copy of this object, so the epoch
@@ -179,7 +196,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         workers, worker = (wi.num_workers, wi.id) if wi is not None else (1, 0)
         return self.rank * workers + worker, self.world_size * workers
 
-    def _handler(self, exn: Exception, url: str | None = None, key: str | None = None) -> bool:
+    def _handler(self, exn: Exception, url: str | None = None, key: str | None = None, kind: str = "unreadable") -> bool:
         # Name the shard (webdataset appends its URL or open file to exn.args; decode errors
         # pass it in) and count the skips, so a damaged shard is found from one line of the log.
         found = (_SHARD_NAME.search(str(a)) for a in ([url] if url else reversed(exn.args)))
@@ -190,13 +207,15 @@ class ShardStream(torch.utils.data.IterableDataset):
         what = f"{type(exn).__name__}: {first.splitlines()[0] if first else ''}"[:200]
         if self.strict:
             raise DataError(f"corrupt shard data in {where} ({what}); strict_data is on") from exn
-        # Per loader worker (each holds a copy). Train mode re-reads the same damage every
-        # pass: count every skip, warn once per distinct problem.
-        self._skipped += 1
+        # Train mode re-reads the same damage every pass: count every skip, warn once per
+        # distinct problem (per worker); the loop totals the counts over workers and ranks.
+        wi = get_worker_info()
+        row = self._skips[wi.id if wi is not None and wi.id < len(self._skips) else 0]
+        row[SKIP_KINDS.index(kind)] += 1
         warned = self._warned
         if (where, what) not in warned:
             warned.add((where, what))
-            warnings.warn(f"skipping unreadable data in {where} ({self._skipped} skipped so far by this loader): {what}", stacklevel=2)
+            warnings.warn(f"skipping unreadable data in {where} ({int(row.sum())} skipped so far by this loader worker): {what}", stacklevel=2)
         return True  # keep going
 
     def _samples(self, pass_index: int, slot: int, num_slots: int) -> Iterator[tuple[str, torch.Tensor, int]]:
@@ -216,15 +235,20 @@ class ShardStream(torch.utils.data.IterableDataset):
             if i % stride != offset:
                 continue
             try:
-                yield decode_sample(sample)
+                item = decode_sample(sample)
             except Exception as exn:  # noqa: BLE001
-                if self._handler(exn, sample.get("__url__"), sample.get("__key__")):
-                    continue
+                self._handler(exn, sample.get("__url__"), sample.get("__key__"))
+                continue
+            if not 0 <= item[2] < len(self.classes):  # an index no class of _info.json has
+                bad = DataError(f"class index {item[2]} outside the shard folder's {len(self.classes)} classes")
+                self._handler(bad, sample.get("__url__"), sample.get("__key__"), kind="bad_label")
+                continue
+            yield item
         # Reached only after a complete pass (a loader cut mid-pass closes this generator).
         for u in urls:
             expected = self.shard_lengths.get(u["url"])
             if expected is not None and seen[u["url"]] < expected:
-                self._handler(DataError(f"only {seen[u['url']]} of {expected} samples found (truncated shard?)"), u["url"])
+                self._handler(DataError(f"only {seen[u['url']]} of {expected} samples found (truncated shard?)"), u["url"], kind="short_shard")
 
     def _shuffled(self, pass_index: int, slot: int, num_slots: int):
         from webdataset.filters import _shuffle
@@ -328,11 +352,13 @@ def make_loader(stream: ShardStream, *, num_workers: int = 2, epoch: int = 0):
 
     In train mode the loader yields exactly ``stream.steps_per_epoch()`` batches on every
     rank. Batches are already formed in the workers (``batch_size=None``). Never pass this
-    loader to ``accelerator.prepare``: it is split by rank already (see DESIGN.md).
+    loader to ``accelerator.prepare``: it is split by rank already, and
+    Accelerate would dispatch or re-shard it (data lost, unequal batch counts).
     """
     import webdataset as wds
 
     stream.set_epoch(epoch)
+    stream.reset_skip_counts(num_workers=num_workers)
     loader = wds.WebLoader(
         stream,
         batch_size=None,

@@ -11,7 +11,7 @@ def make_accelerator(*, precision: str = "auto", collective_timeout_s: float = 6
     """An Accelerator on CPU when there is no GPU (or `accelerate launch` asked for CPU).
 
     ``cpu=True`` matters under torchrun too: without it, CPU processes can come up as
-    DistributedType.NO, each believing it is rank 0 (DESIGN.md). ``collective_timeout_s``
+    DistributedType.NO, each believing it is rank 0. ``collective_timeout_s``
     bounds how long a rank waits for a dead or stuck peer.
     """
     from accelerate import Accelerator

@@ -22,7 +22,7 @@ from toolkit.config import ConfigError, EmbedConfig
 from toolkit.data.shards import read_info
 from toolkit.data.stream import ShardStream, make_loader
 from toolkit.data.transforms import random_affine, to_model_input
-from toolkit.engine.validate import embed_split, evaluate_embeddings, gather_to_main
+from toolkit.engine.validate import embed_split, evaluate_embeddings, gather_to_main, warn_missing
 from toolkit.losses import distributed_triplet_loss
 from toolkit.models import build_embedder
 from toolkit.tracking import progress
@@ -117,12 +117,38 @@ def train_step(
     return stats
 
 
+def total_skips(stream: ShardStream, accelerator) -> dict[str, int]:
+    """Samples ``stream`` skipped since its loader started, by kind, summed over loader workers
+    and ranks. A collective: every rank calls it at the same point (after each epoch's loader)."""
+    counts = stream.skip_counts()
+    total = accelerator.reduce(torch.tensor(list(counts.values()), dtype=torch.int64, device=accelerator.device), reduction="sum")
+    return dict(zip(counts, total.tolist()))
+
+
+def report_skips(epoch: int, step: int, skips: dict[str, int], totals: dict[str, int], *, accelerator, tracker) -> None:
+    """One line (rank 0) and one metrics record for an epoch that skipped data; ``totals`` accumulates."""
+    for kind, n in skips.items():
+        totals[kind] = totals.get(kind, 0) + n
+    if not any(skips.values()):
+        return
+    detail = ", ".join(f"{kind.replace('_', ' ')} {n}" for kind, n in skips.items() if n)
+    accelerator.print(f"warning: epoch {epoch}: skipped {sum(skips.values())} training samples over all ranks ({detail}); "
+                      "the warnings above name the shards")
+    tracker.log({f"data/skipped_{kind}": n for kind, n in skips.items()} | {"epoch": epoch}, step=step)
+
+
 def refuse_existing_message(run_dir) -> str:
     return f"{run_dir} already holds checkpoints: pass resume=true to continue or overwrite=true to start over"
 
 
 def check_run_dir(cfg: EmbedConfig) -> None:
-    """Refuse, before anything is written, to start afresh in a run folder with checkpoints."""
+    """Refuse, before anything is written, to start afresh in a run folder with checkpoints.
+
+    ``overwrite=true`` moves the previous run aside first (toolkit/rundir.py), so it cannot
+    go with ``resume=true``: that would resume nothing.
+    """
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("resume=true continues the run in run_dir, overwrite=true starts over there: pass one of them")
     if not cfg.resume and not cfg.overwrite and any((Path(cfg.run_dir) / "checkpoints").glob("step-*.pt")):
         raise ConfigError(refuse_existing_message(cfg.run_dir))
 
@@ -158,7 +184,7 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = build_scheduler(optimizer, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, total_steps=total_steps)
-    # The loader is NOT prepared: it is split by rank already (DESIGN.md).
+    # The loader is NOT prepared: it is split by rank already (see toolkit.data.stream.make_loader).
     model, optimizer = accelerator.prepare(model, optimizer)
     bare = accelerator.unwrap_model(model)
 
@@ -211,6 +237,8 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
                 autocast=accelerator.autocast, channels_last=cfg.channels_last,
             )
             parts[split] = gather_to_main(*local)
+            if main:
+                warn_missing(parts[split], expected=info["splits"][split]["num_samples"], split=split, print_fn=accelerator.print)
         metrics = {}
         if main:
             metrics = {f"val/{k}": v for k, v in evaluate_embeddings(parts["train"], parts["val"], k=cfg.knn_k).items()}
@@ -235,6 +263,7 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
     start, deadline = time.time(), (time.time() + 60 * cfg.max_minutes if cfg.max_minutes else None)
     bar = progress(total=total_steps, initial=step, desc="embed", enabled=main and cfg.progress, unit="step")
     images_seen, t_log, skipped_steps = 0, time.time(), 0
+    skipped_data: dict[str, int] = {}  # samples skipped by the training stream, whole run (summary.json)
     stop = step >= total_steps
     model.train()
     while not stop:
@@ -275,6 +304,7 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
             if step >= total_steps or out_of_time:
                 stop = True
                 break
+        report_skips(epoch, step, total_skips(stream, accelerator), skipped_data, accelerator=accelerator, tracker=tracker)
         if epoch_step >= steps_per_epoch:  # a full epoch finished
             epoch, epoch_step = epoch + 1, 0
             if epoch % cfg.val_every == 0 or stop:
@@ -287,7 +317,10 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
     if epoch_step:  # stopped mid-epoch (step or time budget): validate what we have
         validate()
     save_state()
-    summary = {"best_knn_accuracy": best, "steps": step, "epochs": epoch, "minutes": (time.time() - start) / 60}
+    summary = {
+        "best_knn_accuracy": best, "steps": step, "epochs": epoch, "minutes": (time.time() - start) / 60,
+        "skipped_samples": skipped_data,
+    }
     if main:
         tracker.summary(summary)
     return summary

@@ -77,6 +77,15 @@ def gather_to_main(keys: list[str], emb: torch.Tensor, labels: torch.Tensor):
     return [all_keys[i] for i in order], all_emb[idx], all_lab[idx]
 
 
+def warn_missing(part, *, expected: int, split: str, print_fn=print) -> int:
+    """Say how many samples of ``split`` validation did not see (unreadable, bad label, short
+    shard: the loader's warnings name them); returns that number. ``part``: gather_to_main's result."""
+    missing = expected - len(part[0])
+    if missing > 0:
+        print_fn(f"warning: validation read {len(part[0])} of the {expected} {split} samples: {missing} skipped (see the warnings above)")
+    return missing
+
+
 # train × query pairs above which the toolkit's blockwise torch kNN beats scikit-learn on
 # CPU (toolkit bench knn, 2 cores: 0.68× at 10k × 1.5k, 0.89× at 30k × 4.5k, 1.34× at
 # 100k × 15k; so from about 50k × 7.5k). Both give the same predictions.
