@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from toolkit.bench import BENCHMARKS, check_options, get_bench
-from toolkit.config import ConfigError
+from toolkit.errors import ConfigError
 
 TOOLKIT = str(Path(sys.executable).with_name("toolkit"))
 

@@ -115,7 +115,7 @@ def test_gpu_bench_pieces_run_on_cpu():
 
 def test_new_benchmarks_are_registered_and_check_options():
     from toolkit.bench import BENCHMARKS, check_options, get_bench
-    from toolkit.config import ConfigError
+    from toolkit.errors import ConfigError
 
     for name in ("step", "knn", "scaling", "gpu"):
         assert name in BENCHMARKS

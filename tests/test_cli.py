@@ -81,9 +81,9 @@ def test_shard_command_writes_shards_and_reports_skipped(tmp_path):
     from toolkit.data.shards import read_info, verify_shards
 
     info = read_info(out)
-    assert info["splits"]["train"]["num_samples"] + info["splits"]["val"]["num_samples"] == 19
-    assert info["preprocess"]["image_size"] == 8 and info["seed"] == 3
-    assert max(info["splits"]["train"]["shard_lengths"]) == 4
+    assert info.splits["train"].num_samples + info.splits["val"].num_samples == 19
+    assert info.image_size == 8 and info.seed == 3
+    assert max(info.splits["train"].shard_lengths) == 4
     assert verify_shards(out) == []
 
     again = run("shard", src, out, "--workers", 1)

@@ -12,8 +12,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.neighbors import KNeighborsClassifier
 
-from toolkit.data import datasets
-from toolkit.data.datasets import (
+from toolkit import datasets
+from toolkit.datasets import (
     CHAR_CLASSES,
     char_class_name,
     default_data_dir,

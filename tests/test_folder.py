@@ -6,7 +6,8 @@ import warnings
 import pytest
 
 from conftest import DEFAULT_SIZES, make_image_folder
-from toolkit.data.folder import DataError, list_image_folder, stratified_split
+from toolkit.data.folder import list_image_folder, stratified_split
+from toolkit.errors import DataError
 
 
 def test_manifest_lists_every_image_with_sorted_class_index(image_folder):

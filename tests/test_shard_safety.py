@@ -13,9 +13,10 @@ import pandas as pd
 import pytest
 
 from conftest import craft_shards, make_image_folder
-from toolkit.data.folder import DataError
+from toolkit.errors import DataError
 from toolkit.data.shards import (
     _encode_one,
+    ShardInfo,
     check_trainable,
     read_info,
     shard_report_lines,
@@ -98,7 +99,7 @@ def test_an_empty_folder_or_a_shard_folder_may_be_replaced_only_with_overwrite(t
     _write(src, out, overwrite=True)
     first = read_info(out)
     _write(src, out, overwrite=True, seed=1)
-    assert read_info(out)["seed"] == 1 and first["seed"] == 0
+    assert read_info(out).seed == 1 and first.seed == 0
     assert verify_shards(out) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "out"]
 
@@ -165,7 +166,7 @@ def test_classes_and_splits_unfit_for_training_are_reported_when_sharding(tmp_pa
     out = tmp_path / "shards"
     with pytest.warns(UserWarning) as record:
         info = write_shards(src, out, workers=1, progress=False)
-    notes = info["_warnings"]
+    notes = info.warnings
     assert [str(w.message) for w in record if str(w.message) in notes] == notes
     assert json.loads((out / "_info.json").read_text())["warnings"] == notes
     assert len(notes) == 3, notes
@@ -185,8 +186,8 @@ def test_an_empty_val_split_is_reported_and_refused_for_training(tmp_path):
     out = tmp_path / "shards"
     with pytest.warns(UserWarning, match="the val split is empty"):
         info = write_shards(src, out, val_fraction=0.1, workers=1, progress=False)
-    assert info["splits"]["val"]["num_samples"] == 0
-    assert info["warnings"] == info["_warnings"] and len(info["warnings"]) == 1, info["warnings"]
+    assert info.splits["val"].num_samples == 0
+    assert json.loads((out / "_info.json").read_text())["warnings"] == info.warnings and len(info.warnings) == 1, info.warnings
     with pytest.raises(DataError, match="the val split is empty"):
         check_trainable(info, folder=out)
 
@@ -214,6 +215,7 @@ def _info(train: dict[str, int], val: dict[str, int]) -> dict:
     ids=["fine", "class-without-val", "class-without-train", "two-classes-without-train", "no-train", "no-val", "val-missing"],
 )
 def test_check_trainable_refuses_what_training_cannot_use(info, refusal, tmp_path):
+    info = ShardInfo.from_json(info, "test")  # what read_info hands the launch scripts
     if refusal is None:
         check_trainable(info, folder=tmp_path)
         return
@@ -232,10 +234,10 @@ def test_shard_report_lines_say_what_was_written_skipped_ignored_and_wrong(tmp_p
     out = tmp_path / "shards"
     info = _write(src, out, samples_per_shard=4)
     lines = shard_report_lines(info, out, seconds=1.25)
-    tr, va = info["splits"]["train"], info["splits"]["val"]
+    tr, va = info.splits["train"], info.splits["val"]
     assert lines[0] == (
-        f"wrote {out}: 3 classes, train {tr['num_samples']} images in {len(tr['filenames'])} shards, "
-        f"val {va['num_samples']} in {len(va['filenames'])} shards (1.2 s)"
+        f"wrote {out}: 3 classes, train {tr.num_samples} images in {len(tr.filenames)} shards, "
+        f"val {va.num_samples} in {len(va.filenames)} shards (1.2 s)"
     )
     assert lines[1] == f"skipped 12 unreadable images (reasons in {out / 'skipped.csv'}):"
     assert all(line.startswith("  a/bad/broken_") for line in lines[2:12])
@@ -243,7 +245,7 @@ def test_shard_report_lines_say_what_was_written_skipped_ignored_and_wrong(tmp_p
     assert lines[13] == (
         f"ignored 4 files (listed in {out / 'ignored.csv'}): not an image extension: 2, hidden: 1, not in a class folder: 1"
     )
-    assert lines[14:] == ["warning: " + n for n in info["_warnings"]] and "solo" in lines[-1]
+    assert lines[14:] == ["warning: " + n for n in info.warnings] and "solo" in lines[-1]
     assert shard_report_lines(read_info(out), out)[0] == lines[0].rsplit(" (", 1)[0]
 
 
@@ -295,7 +297,7 @@ def test_an_image_that_crashes_or_hangs_its_decoder_costs_that_image_only(tmp_pa
     assert reasons["a/crash.png"] == "decoder crashed (signal 9, SIGKILL)"
     if "b/hang.png" in reasons:
         assert reasons["b/hang.png"] == "decoder timed out after 2 s"
-    assert info["splits"]["train"]["num_samples"] + info["splits"]["val"]["num_samples"] == 18
+    assert info.splits["train"].num_samples + info.splits["val"].num_samples == 18
     manifest = pd.read_csv(tmp_path / "shards" / "manifest.csv")
     assert sorted(manifest.loc[manifest["status"] == "skipped", "path"]) == culprits
 

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from conftest import DEFAULT_SIZES, make_image_folder, read_tar_samples
-from toolkit.data.folder import DataError
-from toolkit.data.shards import preprocess_image, read_info, verify_shards, write_shards
+from toolkit.errors import DataError
+from toolkit.data.shards import ShardInfo, preprocess_image, read_info, verify_shards, write_shards
 
 
 def _write(src, out, **kw):
@@ -27,8 +27,8 @@ def _write(src, out, **kw):
 def _all_samples(out: Path, info: dict) -> dict[str, list[tuple[str, dict]]]:
     """key -> [(split, sample), ...] over every shard listed in _info.json."""
     seen: dict[str, list] = {}
-    for split, s in info["splits"].items():
-        for name in s["filenames"]:
+    for split, s in info.splits.items():
+        for name in s.filenames:
             for key, sample in read_tar_samples(out / name).items():
                 seen.setdefault(key, []).append((split, sample))
     return seen
@@ -67,7 +67,7 @@ def test_round_trip_keeps_every_image_once_with_right_label(tmp_path, image_size
     assert (manifest["status"] == "ok").all()
     seen = _all_samples(out, info)
     classes = sorted(DEFAULT_SIZES)
-    assert info["classes"] == classes
+    assert info.classes == classes
     assert set(seen) == set(manifest["key"]), "keys in the shards differ from the manifest"
     for row in manifest.itertuples():
         hits = seen[row.key]
@@ -92,7 +92,7 @@ def test_round_trip_keeps_every_image_once_with_right_label(tmp_path, image_size
     # per-class counts in _info.json agree with the manifest
     for split in ("train", "val"):
         want = manifest[manifest["split"] == split]["label"].value_counts().to_dict()
-        got = {k: v for k, v in info["splits"][split]["class_counts"].items() if v}
+        got = {k: v for k, v in info.splits[split].class_counts.items() if v}
         assert got == want
 
 
@@ -112,7 +112,7 @@ def test_split_in_shards_follows_the_seed(tmp_path):
         assert m.loc[m["label"] == "solo", "split"].tolist() == ["train"]
     # same seed, same input -> byte-identical shards
     i0, i0b = read_info(tmp_path / "s0"), read_info(tmp_path / "s0b")
-    assert i0["splits"]["train"]["sha256"] == i0b["splits"]["train"]["sha256"]
+    assert i0.splits["train"].sha256 == i0b.splits["train"].sha256
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -128,11 +128,11 @@ def test_unreadable_images_are_reported_and_skipped(tmp_path, workers):
     assert skipped["reason"].notna().all() and (skipped["reason"].str.len() > 0).all()
     reasons = dict(zip(skipped["path"], skipped["reason"]))
     assert "empty" in reasons["gamma/empty.png"].lower() or "0 bytes" in reasons["gamma/empty.png"]
-    assert info["skipped"] == len(bad)
+    assert info.skipped == len(bad)
 
     ignored = pd.read_csv(out / "ignored.csv")
     assert ignored["path"].tolist() == ["eps/notes.txt"]
-    assert info["ignored_non_images"] == 1
+    assert info.ignored == {"not an image extension": 1}
 
     manifest = pd.read_csv(out / "manifest.csv")
     assert set(manifest.loc[manifest["status"] == "skipped", "path"]) == set(bad)
@@ -142,7 +142,7 @@ def test_unreadable_images_are_reported_and_skipped(tmp_path, workers):
     assert set(seen) == set(ok["key"])
     bad_keys = set(manifest.loc[manifest["status"] == "skipped", "key"])
     assert not bad_keys & set(seen)
-    total = info["splits"]["train"]["num_samples"] + info["splits"]["val"]["num_samples"]
+    total = info.splits["train"].num_samples + info.splits["val"].num_samples
     assert total == len(ok)
 
 
@@ -168,7 +168,7 @@ def test_output_never_overwritten_without_flag_and_no_temp_left(tmp_path):
 
     (out / "marker.txt").unlink()
     _write(src2, out, overwrite=True)
-    assert read_info(out)["classes"] == ["a", "b", "c"]
+    assert read_info(out).classes == ["a", "b", "c"]
     assert verify_shards(out) == []
     assert sorted(p.name for p in parent.iterdir()) == ["shards"], "temporary folders left behind"
 
@@ -185,29 +185,29 @@ def test_info_json_describes_the_shards(tmp_path):
     src = make_image_folder(tmp_path / "img", {"a": 20, "b": 13, "c": 9}, size=(10, 10))
     out = tmp_path / "shards"
     returned = _write(src, out, samples_per_shard=5, image_size=12, grayscale=True, seed=2)
-    info = json.loads((out / "_info.json").read_text())
-    assert info == read_info(out)
-    assert {k: v for k, v in returned.items() if not k.startswith("_")} == info
-    assert info["classes"] == ["a", "b", "c"]
-    assert info["num_classes"] == 3
-    assert info["preprocess"]["image_size"] == 12 and info["preprocess"]["grayscale"] is True
-    assert set(info["splits"]) == {"train", "val"}
+    info = read_info(out)
+    assert ShardInfo.from_json(json.loads((out / "_info.json").read_text()), "raw") == info
+    assert returned == info
+    assert info.classes == ["a", "b", "c"]
+    assert info.num_classes == 3
+    assert info.image_size == 12 and info.grayscale is True
+    assert set(info.splits) == {"train", "val"}
     total = 0
     on_disk = sorted(p.name for p in out.glob("*.tar"))
     listed = []
-    for split, s in info["splits"].items():
-        assert len(s["filenames"]) == len(s["shard_lengths"]) == len(s["sha256"])
-        assert sum(s["shard_lengths"]) == s["num_samples"]
-        assert all(1 <= n <= 5 for n in s["shard_lengths"])
-        for name, n, digest in zip(s["filenames"], s["shard_lengths"], s["sha256"]):
+    for split, s in info.splits.items():
+        assert len(s.filenames) == len(s.shard_lengths) == len(s.sha256)
+        assert sum(s.shard_lengths) == s.num_samples
+        assert all(1 <= n <= 5 for n in s.shard_lengths)
+        for name, n, digest in zip(s.filenames, s.shard_lengths, s.sha256):
             assert name.startswith(split + "-") and name.endswith(".tar")
             assert len(read_tar_samples(out / name)) == n
             assert len(digest) == 64 and int(digest, 16) >= 0
-        listed += s["filenames"]
-        total += s["num_samples"]
+        listed += s.filenames
+        total += s.num_samples
     assert total == 42
     assert sorted(listed) == on_disk
-    assert info["splits"]["val"]["num_samples"] == round(0.15 * 20) + round(0.15 * 13) + round(0.15 * 9)
+    assert info.splits["val"].num_samples == round(0.15 * 20) + round(0.15 * 13) + round(0.15 * 9)
 
 
 def test_verify_shards_detects_modified_and_missing_shards(tmp_path):
@@ -215,7 +215,7 @@ def test_verify_shards_detects_modified_and_missing_shards(tmp_path):
     out = tmp_path / "shards"
     info = _write(src, out, samples_per_shard=5)
     assert verify_shards(out) == []
-    names = info["splits"]["train"]["filenames"]
+    names = info.splits["train"].filenames
     victim = out / names[1]
     data = bytearray(victim.read_bytes())
     data[700] ^= 0xFF
@@ -276,12 +276,12 @@ def test_class_index_matches_info_classes_when_a_class_folder_has_no_images(tmp_
     (src / "b" / "README.txt").write_text("to do")
     out = tmp_path / "shards"
     info = _write(src, out)
-    assert len(info["classes"]) == info["num_classes"]
+    assert len(info.classes) == info.num_classes
     for key, hits in _all_samples(out, info).items():
         _, sample = hits[0]
         label, cls = json.loads(sample["json"])["label"], int(sample["cls"])
-        assert 0 <= cls < info["num_classes"], f"{key}: class index {cls} out of range {info['classes']}"
-        assert info["classes"][cls] == label, f"{key}: .cls {cls} -> {info['classes'][cls]!r}, json says {label!r}"
+        assert 0 <= cls < info.num_classes, f"{key}: class index {cls} out of range {info.classes}"
+        assert info.classes[cls] == label, f"{key}: .cls {cls} -> {info.classes[cls]!r}, json says {label!r}"
 
 
 def test_ignored_csv_gives_the_reason_for_every_file_left_out(tmp_path):
@@ -303,6 +303,5 @@ def test_ignored_csv_gives_the_reason_for_every_file_left_out(tmp_path):
         ("b/gone.png", "broken symlink"),
     ]
     assert list(ignored.itertuples(index=False, name=None)) == expected
-    assert info["_ignored_list"] == expected
-    assert info["ignored"] == {"not in a class folder": 1, "not an image extension": 1, "hidden": 1, "broken symlink": 1}
-    assert info["ignored_non_images"] == 1
+    assert info.ignored == {"not in a class folder": 1, "not an image extension": 1, "hidden": 1, "broken symlink": 1}
+    assert json.loads((out / "_info.json").read_text())["ignored_non_images"] == 1  # the older key, still written

@@ -1,4 +1,5 @@
-"""Streaming loader, one process: P×K batches, exact epoch length, determinism, eval coverage."""
+"""Streaming loader, one process: P×K batches, exact epoch length, determinism, eval coverage;
+the batchers on their own, over in-memory samples."""
 from __future__ import annotations
 
 import itertools
@@ -10,9 +11,11 @@ import pytest
 import torch
 
 from conftest import craft_shards, make_image_folder, read_tar_samples, write_tar
-from toolkit.data.folder import DataError
+from toolkit.errors import DataError
 from toolkit.data.shards import read_info, write_shards
-from toolkit.data.stream import ShardStream, assign_shards, make_loader, pk_shape
+from toolkit.data.batching import eval_batches, pk_batches, pk_shape, random_batches
+from toolkit.data.reader import assign_shards
+from toolkit.data.stream import ShardStream, make_loader
 
 SIZES = {"a": 16, "b": 12, "c": 14, "d": 10, "e": 18, "f": 12}
 
@@ -31,7 +34,7 @@ def truth(folder, split):
     """{key: class index} of a split, read from the tar files themselves."""
     info = read_info(folder)
     keys = {}
-    for name in info["splits"][split]["filenames"]:
+    for name in info.splits[split].filenames:
         for key, sample in read_tar_samples(folder / name).items():
             keys[key] = int(sample["cls"])
     return keys
@@ -107,10 +110,10 @@ def test_random_batching_is_one_shuffled_pass(shards):
 def test_eval_covers_split_exactly_once(shards, split, num_workers):
     labels = truth(shards, split)
     info = read_info(shards)
-    assert len(info["splits"][split]["filenames"]) >= 2, "fixture should have several shards"
+    assert len(info.splits[split].filenames) >= 2, "fixture should have several shards"
     s = ShardStream(shards, split=split, mode="eval", batch_size=4)
     seen = [(k, y) for keys, _, ys in make_loader(s, num_workers=num_workers) for k, y in zip(keys, ys.tolist())]
-    assert len(seen) == len(labels) == info["splits"][split]["num_samples"]
+    assert len(seen) == len(labels) == info.splits[split].num_samples
     assert dict(seen) == labels
 
 
@@ -279,3 +282,35 @@ def test_labels_outside_the_class_list_are_skipped_and_counted_over_workers(tmp_
     assert train.skip_counts()["bad_label"] >= 2
     with pytest.raises(DataError, match="outside the shard folder's 2 classes.*strict_data is on"):
         collect(make_loader(ShardStream(folder, split="val", mode="eval", strict=True), num_workers=0))
+
+
+def _plain_samples(labels, prefix):
+    return [(f"{prefix}{i}", torch.full((1, 2, 2), i, dtype=torch.uint8), c) for i, c in enumerate(labels)]
+
+
+def test_pk_batches_over_plain_samples_keep_class_buffers_across_passes():
+    """One image per class per pass: K=2 is only reached by carrying buffers over passes."""
+    passes = lambda i: _plain_samples([0, 1, 2], prefix=f"p{i}-")  # noqa: E731
+    batches = list(itertools.islice(pk_batches(passes, P=2, K=2, rng=random.Random(0), give_up_after=3, source="s"), 3))
+    for keys, images, labels in batches:
+        assert images.shape == (4, 1, 2, 2) and images.dtype == torch.uint8 and len(keys) == 4
+        assert sorted(Counter(labels.tolist()).values()) == [2, 2]
+    called = []
+
+    def one_class(i):
+        called.append(i)
+        return _plain_samples([0, 0, 0], prefix=f"p{i}-")
+
+    with pytest.raises(DataError, match=r"cannot form P×K=2×2 batches: only 1 classes with 2 images reachable by s \("):
+        next(pk_batches(one_class, P=2, K=2, rng=random.Random(0), give_up_after=3, source="s"))
+    assert called == [0, 1, 2]
+
+
+def test_random_and_eval_batches_over_plain_samples():
+    passes = lambda i: _plain_samples([0, 1, 0], prefix=f"p{i}-")  # noqa: E731
+    batches = list(itertools.islice(random_batches(passes, batch_size=4, give_up_after=2, source="s", split="train"), 3))
+    assert [k for keys, _, _ in batches for k in keys] == [f"p{i}-{j}" for i in range(4) for j in range(3)]  # leftovers carried over
+    with pytest.raises(DataError, match="^s reaches no samples of 'train'$"):
+        next(random_batches(lambda i: [], batch_size=4, give_up_after=2, source="s", split="train"))
+    sizes = [len(keys) for keys, _, _ in eval_batches(_plain_samples([1, 0, 1, 1, 0], prefix="e"), 2)]
+    assert sizes == [2, 2, 1]

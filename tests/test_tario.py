@@ -1,4 +1,4 @@
-"""The fast tar reader and PNG decoder of the shard stream, against Python's tarfile and PIL.
+"""The fast tar reader and PNG decoder of the shard reader, against Python's tarfile and PIL.
 
 Every archive here is written by ``tarfile`` itself, in each of its formats, so the reader
 is checked against the reference implementation rather than against our own writer.
@@ -15,8 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from toolkit.data.stream import decode_png
-from toolkit.data.tario import TarError, iter_tar, tar_samples
+from toolkit.data.reader import decode_png
+from toolkit.data.tario import iter_tar, tar_samples
+from toolkit.errors import TarError
 
 LONG = "deep/" * 30 + "sample.with.dots.png"  # > 100 characters: needs a long-name header
 MEMBERS = {

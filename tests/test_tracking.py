@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from toolkit.tracking import NullTracker, make_tracker, progress, read_metrics, wandb_mode
+from toolkit.progress import progress
+from toolkit.tracking import NullTracker, make_tracker, read_metrics, wandb_mode
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +97,8 @@ def test_kind_none_writes_files_without_importing_wandb(tmp_path):
     run_dir = tmp_path / "run"
     script = f"""
 import sys
-from toolkit.tracking import make_tracker, progress, read_metrics
+from toolkit.progress import progress
+from toolkit.tracking import make_tracker, read_metrics
 with make_tracker(enabled=True, kind="none", run_dir={str(run_dir)!r}, config={{"k": 13}}, project="p", name=None) as t:
     t.log({{"knn_acc": 0.5}}, step=3)
     t.summary({{"best": 0.5}})

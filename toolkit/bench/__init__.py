@@ -14,7 +14,7 @@ import inspect
 import sys
 from typing import Any, Callable
 
-from toolkit.config import ConfigError
+from toolkit.errors import ConfigError
 
 # name -> module holding ``main(**options)``; one line per benchmark.
 BENCHMARKS: dict[str, str] = {
@@ -93,7 +93,7 @@ def cores() -> int:
 
 def write_json(out: str, report: dict) -> None:
     """Writes ``report`` to ``out`` atomically and says so on stdout."""
-    from toolkit.checkpoint import atomic_write_json
+    from toolkit.files import atomic_write_json
 
     atomic_write_json(out, report)
     print(f"\nwrote {out}")

@@ -52,7 +52,7 @@ def peak_for(name: str) -> dict[str, float | None] | None:
 def _emit(report: dict, out: str) -> None:
     print(json.dumps(report, indent=2))
     if out:
-        from toolkit.checkpoint import atomic_write_json
+        from toolkit.files import atomic_write_json
 
         atomic_write_json(out, report)
 

@@ -8,7 +8,7 @@ queries, then classifies the queries with
 * **toolkit**: :func:`toolkit.knn.knn_predict` (float32 matmul screen per tile, float64
   refinement of the candidates, scikit-learn's tie rules);
 * **sklearn**: ``KNeighborsClassifier(n_neighbors=13)``, ``fit`` + ``predict``, what
-  :func:`toolkit.engine.validate.knn_accuracy` runs.
+  :func:`toolkit.knn.knn_accuracy` runs.
 
 Both get the same float32 arrays in the same process, with the same threads; runs
 alternate A B B A ... and each side reports its best wall time. The predictions must be
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from toolkit.bench import log, write_json
-from toolkit.config import ConfigError
+from toolkit.errors import ConfigError
 
 DEFAULT_SIZES = "10000,100000"
 

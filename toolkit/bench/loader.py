@@ -41,7 +41,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from toolkit.bench import cores, data_root, log, require_ints, write_json
-from toolkit.config import ConfigError
+from toolkit.errors import ConfigError
 
 SIZES = ("camera", "small")
 IMAGE_SIZE = 32  # shards and the seed both end at 32×32 grey
@@ -149,7 +149,7 @@ def _camera_per_class(batch_size: int, workers: int) -> int:
 
 def _min_slot_share(lengths: list[int], slots: int) -> int:
     """Fewest samples any loader slot can get in one pass, whatever the shard order."""
-    from toolkit.data.stream import assign_shards
+    from toolkit.data.reader import assign_shards
 
     worst = min(lengths) if lengths else 0
     shares = []
@@ -184,7 +184,7 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def _shards_for(folder: Path, out: Path, *, seed: int) -> dict:
+def _shards_for(folder: Path, out: Path, *, seed: int):
     """Shard ``folder`` into ``out`` (32×32 grey), re-using a matching earlier output."""
     from toolkit.data.shards import INFO_NAME, read_info, write_shards
 
@@ -192,9 +192,9 @@ def _shards_for(folder: Path, out: Path, *, seed: int) -> dict:
         try:
             info = read_info(out)
             if (
-                info.get("source") == str(folder.resolve())
-                and info.get("preprocess", {}).get("image_size") == IMAGE_SIZE
-                and info.get("seed") == seed
+                info.source == str(folder.resolve())
+                and info.image_size == IMAGE_SIZE
+                and info.seed == seed
             ):
                 return info
         except Exception:  # noqa: BLE001 - anything odd: rebuild
@@ -206,7 +206,7 @@ def _shards_for(folder: Path, out: Path, *, seed: int) -> dict:
 
 def digits_shards(root: Path, *, seed: int = 0) -> Path:
     """The demo's digits shards (32×32 grey) under ``root``, built once and re-used."""
-    from toolkit.data.datasets import write_digits_folder
+    from toolkit.datasets import write_digits_folder
 
     folder = write_digits_folder(root / "digits")
     out = root / "digits-shards32"
@@ -216,7 +216,7 @@ def digits_shards(root: Path, *, seed: int = 0) -> Path:
 
 def build_data(kind: str, root: Path, *, per_class: int, seed: int) -> tuple[Path, Path, dict]:
     """(originals folder, shard folder, shard info) for data set ``kind``."""
-    from toolkit.data.datasets import write_camera_folder, write_chars_folder
+    from toolkit.datasets import write_camera_folder, write_chars_folder
 
     t0 = time.perf_counter()
     if kind == "camera":
@@ -372,14 +372,14 @@ def main(
     return report
 
 
-def _bench_one(kind: str, folder: Path, shards: Path, info: dict, *, batch_size: int, workers: int, images: int,
+def _bench_one(kind: str, folder: Path, shards: Path, info, *, batch_size: int, workers: int, images: int,
                seed: int, repeats: int) -> dict:
-    train = info["splits"]["train"]
-    share = _min_slot_share(list(train["shard_lengths"]), _slots(workers))
+    train = info.splits["train"]
+    share = _min_slot_share(list(train.shard_lengths), _slots(workers))
     if share < batch_size:
         raise ConfigError(
             f"toolkit bench loader: {kind}: each of {_slots(workers)} loader slot(s) gets as few as {share} of the "
-            f"{train['num_samples']} train images, fewer than --batch_size {batch_size}; raise --per_class or "
+            f"{train.num_samples} train images, fewer than --batch_size {batch_size}; raise --per_class or "
             "lower --batch_size/--workers"
         )
     listed = pd.read_csv(shards / "manifest.csv")
@@ -414,7 +414,7 @@ def _bench_one(kind: str, folder: Path, shards: Path, info: dict, *, batch_size:
     return {
         "data": kind,
         "originals": _file_stats(folder, listed["path"].tolist()),
-        "train_images": int(train["num_samples"]),
+        "train_images": train.num_samples,
         "batches": num_batches,
         "samples": num_samples,
         "toolkit": a,

@@ -144,7 +144,7 @@ def main(*, sizes: str = ",".join(map(str, DEFAULT_SIZES)), repeats: int = 3, ti
     print("\n".join(lines))
     result = {"device": device, "rows": rows}
     if out:
-        from toolkit.checkpoint import atomic_write_json
+        from toolkit.files import atomic_write_json
 
         atomic_write_json(out, result)
     return result

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from toolkit.bench import cores, data_root, log, require_ints, write_json
-from toolkit.config import ConfigError
+from toolkit.errors import ConfigError
 
 WORKER = Path(__file__).with_name("_scaling_worker.py")
 PHASES = ("forward", "wait", "gather", "mining", "backward", "optimizer")

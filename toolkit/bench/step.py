@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from toolkit.bench import log, require_ints, write_json
-from toolkit.config import ConfigError
+from toolkit.errors import ConfigError
 
 TARGET = 0.95
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from toolkit.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -27,10 +28,6 @@ BROKEN_LINK = "broken symlink"
 NOT_A_FILE = "not a regular file"
 SYMLINK_LOOP = "symlink loop (points to a folder above it)"
 ALREADY_LISTED = "folder already listed through another path"
-
-
-class DataError(ValueError):
-    """Bad input data (missing folder, no classes, ...). The message is one clear line."""
 
 
 def list_image_folder(root: str | Path) -> tuple[pd.DataFrame, list[tuple[str, str]]]:

@@ -19,6 +19,7 @@ its content is data to check (:func:`read_info`), never text to paste into a com
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -31,7 +32,6 @@ import re
 import shlex
 import shutil
 import signal
-import tempfile
 import time
 import warnings
 from collections import Counter, deque
@@ -44,7 +44,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from toolkit.data.folder import NOT_AN_IMAGE, DataError, list_image_folder, stratified_split
+from toolkit.data.folder import NOT_AN_IMAGE, list_image_folder, stratified_split
+from toolkit.errors import DataError
+from toolkit.files import new_temp_folder, rename_onto_new
+from toolkit.progress import progress as progress_bar
 
 INFO_NAME = "_info.json"
 FORMAT_VERSION = 1
@@ -415,24 +418,11 @@ def _move_aside(out: Path) -> Path | None:
 
 
 def _rename_new(tmp: Path, out: Path) -> None:
-    """``os.rename(tmp, out)`` that fails if anything is at ``out``.
-
-    os.rename replaces an empty folder silently, so ``out`` is first created with os.mkdir,
-    which fails if anything appeared there since the start; the rename then lands on this
-    empty folder of ours, and fails if someone put files in it in between.
-    """
+    """Move the finished ``tmp`` to ``out``, failing (one line) if anything appeared at ``out``."""
     try:
-        os.mkdir(out)
+        rename_onto_new(tmp, out)
     except FileExistsError:
         raise DataError(f"{out} appeared while the shards were being written: not replaced") from None
-    try:
-        os.rename(tmp, out)
-    except OSError as exc:
-        try:
-            os.rmdir(out)
-        except OSError:
-            pass  # someone else's files are in it now: theirs to keep
-        raise DataError(f"{out} changed while the shards were being written: not replaced ({exc.strerror})") from None
 
 
 def _put_back(old: Path, out: Path) -> None:
@@ -467,8 +457,8 @@ def write_shards(
     progress: bool = True,
     image_timeout_s: float = 60.0,
     _encode: Callable[[tuple[str, int | None, bool]], tuple[bytes | None, str | None]] = _encode_one,
-) -> dict:
-    """Shard ``src`` (image folder) into ``out``. Returns the ``_info.json`` dict.
+) -> "ShardInfo":
+    """Shard ``src`` (image folder) into ``out``. Returns its :class:`ShardInfo`.
 
     Arguments are checked first (one line each), then that ``out`` lies outside ``src`` and
     is absent, or with ``overwrite`` an empty folder or a shard folder holding only files
@@ -483,11 +473,9 @@ def write_shards(
     Problems that make the shards weak or unusable for training (a class left without
     training or validation images, an empty split) are warned about, listed under
     ``warnings`` in ``_info.json`` and refused at training time by :func:`check_trainable`.
-    Besides the ``_info.json`` keys the dict holds ``_skipped_list`` and ``_ignored_list``
-    (``[(path, reason)]``) and ``_warnings`` (``[str]``).
+    Returns what :func:`read_info` would read back, with ``skipped_files`` (``[(path,
+    reason)]``) filled in; the ignored files are listed in ignored.csv.
     """
-    from toolkit.tracking import progress as progress_bar
-
     src, out = Path(src), Path(out)
     _check_args(
         val_fraction=val_fraction, seed=seed, image_size=image_size, samples_per_shard=samples_per_shard,
@@ -522,7 +510,7 @@ def write_shards(
     ]
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = new_temp_folder(out)
     try:
         info = _write_split_shards(
             manifest, encoded, tmp, classes=classes, seed=seed, samples_per_shard=samples_per_shard
@@ -551,10 +539,7 @@ def write_shards(
         raise
     for note in notes:
         warnings.warn(note, stacklevel=2)
-    info["_skipped_list"] = skipped
-    info["_ignored_list"] = ignored
-    info["_warnings"] = list(notes)
-    return info
+    return dataclasses.replace(ShardInfo.from_json(info, str(out / INFO_NAME)), skipped_files=skipped)
 
 
 def _shard_problems(splits: dict, classes: list[str], *, val_fraction: float) -> list[str]:
@@ -635,36 +620,35 @@ def _write_split_shards(
     return {"splits": splits}
 
 
-def shard_report_lines(info: dict, out: str | Path, *, seconds: float | None = None) -> list[str]:
+def shard_report_lines(info: ShardInfo, out: str | Path, *, seconds: float | None = None) -> list[str]:
     """The summary to print after :func:`write_shards` returned ``info`` for ``out``.
 
     Lines: what was written (``seconds`` appended when given); the skipped images (the first
     10 with their reason); the ignored files counted per reason; one ``warning: ...`` line per
-    problem found while sharding. Works on a :func:`read_info` dict too (without the names
-    of the skipped images).
+    problem found while sharding. Works on what :func:`read_info` returns too (without the
+    names of the skipped images).
     """
     out = Path(out)
-    tr, va = info["splits"]["train"], info["splits"]["val"]
+    tr, va = info.splits["train"], info.splits["val"]
     took = f" ({seconds:.1f} s)" if seconds is not None else ""
     lines = [
-        f"wrote {out}: {info['num_classes']} classes, train {tr['num_samples']} images in "
-        f"{len(tr['filenames'])} shards, val {va['num_samples']} in {len(va['filenames'])} shards{took}"
+        f"wrote {out}: {info.num_classes} classes, train {tr.num_samples} images in "
+        f"{len(tr.filenames)} shards, val {va.num_samples} in {len(va.filenames)} shards{took}"
     ]
-    if info["skipped"]:
-        lines.append(f"skipped {info['skipped']} unreadable images (reasons in {out / 'skipped.csv'}):")
-        listed = info.get("_skipped_list", [])[:10]
+    if info.skipped:
+        lines.append(f"skipped {info.skipped} unreadable images (reasons in {out / 'skipped.csv'}):")
+        listed = info.skipped_files[:10]
         lines += [f"  {path}: {reason}" for path, reason in listed]
-        if info["skipped"] > len(listed):
-            lines.append(f"  ... and {info['skipped'] - len(listed)} more")
-    ignored = info.get("ignored") or ({NOT_AN_IMAGE: info["ignored_non_images"]} if info.get("ignored_non_images") else {})
-    if ignored:  # (shards of older versions counted only the files without an image extension)
-        per_reason = ", ".join(f"{reason}: {n}" for reason, n in sorted(ignored.items(), key=lambda kv: (-kv[1], kv[0])))
-        lines.append(f"ignored {sum(ignored.values())} files (listed in {out / 'ignored.csv'}): {per_reason}")
-    lines += [f"warning: {note}" for note in info.get("warnings", [])]
+        if info.skipped > len(listed):
+            lines.append(f"  ... and {info.skipped - len(listed)} more")
+    if info.ignored:
+        per_reason = ", ".join(f"{reason}: {n}" for reason, n in sorted(info.ignored.items(), key=lambda kv: (-kv[1], kv[0])))
+        lines.append(f"ignored {sum(info.ignored.values())} files (listed in {out / 'ignored.csv'}): {per_reason}")
+    lines += [f"warning: {note}" for note in info.warnings]
     return lines
 
 
-def check_trainable(info: dict, *, folder: str | Path) -> None:
+def check_trainable(info: ShardInfo, *, folder: str | Path) -> None:
     """Refuse, in one line, shards a training run cannot use.
 
     Refused: an empty train split; a class with no training sample (it is a class of the
@@ -673,16 +657,15 @@ def check_trainable(info: dict, *, folder: str | Path) -> None:
     warned). ``class_counts`` are optional (hand-made shards): without them, per-class
     counts are not checked.
     """
-    splits = info["splits"]
     problems = []
-    train = splits.get("train") or {}
-    if not train.get("num_samples"):
+    train, val = info.splits.get("train"), info.splits.get("val")
+    if train is None or not train.num_samples:
         problems.append("the train split is empty")
-    elif "class_counts" in train:
-        untrained = [c for c in info["classes"] if not train["class_counts"].get(c)]
+    elif train.class_counts is not None:
+        untrained = [c for c in info.classes if not train.class_counts.get(c)]
         if untrained:
             problems.append(f"{len(untrained)} class(es) without training images: {_names(untrained)}")
-    if not (splits.get("val") or {}).get("num_samples"):
+    if val is None or not val.num_samples:
         problems.append("the val split is empty (validation needs images: re-shard with a larger --val_fraction)")
     if problems:
         raise DataError(f"{folder}: cannot train on these shards: " + "; ".join(problems))
@@ -719,7 +702,78 @@ def shard_url(folder: str | Path, name: str) -> str:
     return os.path.join(os.path.abspath(s), name)
 
 
-def read_info(folder: str | Path) -> dict:
+@dataclass(frozen=True)
+class SplitInfo:
+    """One split of a shard folder, as ``_info.json`` records it (checked)."""
+
+    name: str
+    num_samples: int
+    filenames: list[str]  # shard names, <split>-NNNNNN.tar
+    shard_lengths: list[int] = field(default_factory=list)  # samples per shard ([] in hand-made folders)
+    sha256: list[str] = field(default_factory=list)
+    class_counts: dict[str, int] | None = None  # None: not recorded
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """A shard folder's ``_info.json``, checked and typed (what :func:`read_info` returns).
+
+    ``skipped_files`` is filled only by :func:`write_shards` (on disk the list is skipped.csv).
+    """
+
+    classes: list[str]
+    splits: dict[str, SplitInfo]
+    image_size: int | None = None  # shard-time resize; None: originals kept
+    grayscale: bool = True
+    warnings: list[str] = field(default_factory=list)  # problems found while sharding
+    skipped: int = 0
+    ignored: dict[str, int] = field(default_factory=dict)  # files that are not images, per reason
+    source: str | None = None
+    seed: int | None = None
+    val_fraction: float | None = None
+    format_version: int | None = None
+    skipped_files: list[tuple[str, str]] = field(default_factory=list, compare=False)  # (path, reason)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def preprocess(self) -> dict:
+        """The shard-time preprocessing, as recorded with a model: ``{"image_size", "grayscale", "format"}``."""
+        return {"image_size": self.image_size, "grayscale": self.grayscale, "format": "png"}
+
+    @classmethod
+    def from_json(cls, info: Any, where: str) -> "ShardInfo":
+        """Check ``info`` (parsed ``_info.json`` read from ``where``) and type it."""
+        info = _check_info(info, where)
+        pre = info.get("preprocess", {})
+        ignored = info.get("ignored") or ({NOT_AN_IMAGE: info["ignored_non_images"]} if info.get("ignored_non_images") else {})
+        return cls(
+            classes=list(info["classes"]),
+            splits={name: SplitInfo(
+                name=name, num_samples=int(sp["num_samples"]), filenames=list(sp["filenames"]),
+                shard_lengths=list(sp.get("shard_lengths", [])), sha256=list(sp.get("sha256", [])),
+                class_counts=dict(sp["class_counts"]) if "class_counts" in sp else None,
+            ) for name, sp in info["splits"].items()},
+            image_size=pre.get("image_size") or None, grayscale=pre.get("grayscale", True),
+            warnings=[str(w) for w in info.get("warnings", []) if isinstance(w, str)],
+            skipped=int(info["skipped"]) if _is_count(info.get("skipped")) else 0,
+            ignored={str(k): int(v) for k, v in ignored.items() if _is_count(v)} if isinstance(ignored, dict) else {},
+            source=info.get("source") if isinstance(info.get("source"), str) else None,
+            seed=info.get("seed") if _is_int(info.get("seed")) else None,
+            val_fraction=info.get("val_fraction") if isinstance(info.get("val_fraction"), float) else None,
+            format_version=info.get("format_version") if _is_int(info.get("format_version")) else None,
+        )
+
+    def split(self, name: str, *, folder) -> SplitInfo:
+        """Split ``name``, or a one-line DataError naming the ones there are."""
+        if name not in self.splits:
+            raise DataError(f"{folder}: no split {name!r} (have {', '.join(self.splits)})")
+        return self.splits[name]
+
+
+def read_info(folder: str | Path) -> ShardInfo:
     """Load and check ``_info.json`` of a shard folder (one-line error when missing or bad).
 
     The content is untrusted (it may come from a remote location): :func:`_check_info`
@@ -734,7 +788,7 @@ def read_info(folder: str | Path) -> dict:
                 info = json.loads(f.read())
         except Exception as exc:  # noqa: BLE001 - any transport error becomes one line
             raise DataError(f"cannot read {url}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-        return _check_info(info, url)
+        return ShardInfo.from_json(info, url)
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"shard folder not found: {folder}")
@@ -745,7 +799,7 @@ def read_info(folder: str | Path) -> dict:
         info = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from None
-    return _check_info(info, str(path))
+    return ShardInfo.from_json(info, str(path))
 
 
 def _short(value: Any) -> str:
@@ -830,9 +884,9 @@ def verify_shards(folder: str | Path) -> list[str]:
     folder = Path(folder)
     info = read_info(folder)
     bad = []
-    for split in info["splits"].values():
-        digests = split.get("sha256", [])
-        for i, name in enumerate(split["filenames"]):
+    for split in info.splits.values():
+        digests = split.sha256
+        for i, name in enumerate(split.filenames):
             p = folder / name
             if i >= len(digests) or not p.is_file() or _sha256(p) != digests[i]:
                 bad.append(name)

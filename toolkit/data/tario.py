@@ -25,6 +25,7 @@ import lzma
 import re
 import zlib
 from typing import IO, Any, Callable, Iterable, Iterator
+from toolkit.errors import TarError
 
 BLOCK = 512
 _SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's default skip_meta
@@ -34,10 +35,6 @@ _COMPRESSED = (
     (b"BZh", bz2.BZ2File),
     (b"\xfd7zXZ\x00", lzma.LZMAFile),
 )
-
-
-class TarError(Exception):
-    """A damaged or non-tar shard."""
 
 
 class _Reader:

@@ -1,10 +1,11 @@
-"""Image transforms: the seed's PIL pipeline, and the same maths done on the device.
+"""Image transforms on the device: the seed's preprocessing as batched tensor maths, and augmentation.
 
-The seed: ``Resize(220) -> ToTensor() -> Normalize(0.5, 0.5)`` on every image, in the data
-workers. Here shards already hold small preprocessed images (e.g. 32×32 grey), the loader
-ships uint8 tensors, and :func:`to_model_input` converts, normalises and (for the seed
-recipe) upsamples on the device -- on a GPU that is almost free, and it keeps worker-to-
-trainer traffic 4× (uint8) to 190× (32² vs 220² floats) smaller.
+The seed ran ``Resize(220) -> ToTensor() -> Normalize(0.5, 0.5)`` with PIL on every image,
+in the data workers. Here shards already hold small preprocessed images (e.g. 32×32 grey),
+the loader ships uint8 tensors, and :func:`to_model_input` converts, normalises and (for the
+seed recipe) upsamples on the device -- on a GPU that is almost free, and it keeps worker-to-
+trainer traffic 4× (uint8) to 190× (32² vs 220² floats) smaller. :func:`random_affine`
+augments on the device too.
 """
 from __future__ import annotations
 
@@ -52,16 +53,3 @@ def random_affine(
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
 
-
-def seed_transform(size: int = 220):
-    """The seed's torchvision transform, for PIL images (baselines, reference checks)."""
-    from torchvision import transforms as T
-
-    return T.Compose([T.Resize((size, size)), T.ToTensor(), T.Normalize((MEAN,), (STD,))])
-
-
-def native_transform():
-    """Same as the seed without the resize: the image stays at its stored size."""
-    from torchvision import transforms as T
-
-    return T.Compose([T.ToTensor(), T.Normalize((MEAN,), (STD,))])

@@ -28,14 +28,15 @@ import json
 import math
 import os
 import shutil
-import sys
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from toolkit.files import new_temp_folder, rename_onto_new
+from toolkit.progress import progress as progress_bar
 
 __all__ = [
     "CHAR_CLASSES",
@@ -142,54 +143,51 @@ def _build_atomically(
                     f"{out} exists, is not empty and was not written by this generator; "
                     "pass overwrite=True to replace it"
                 )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = new_temp_folder(out)
     try:
         count = build(tmp)
         (tmp / MARKER_NAME).write_text(
             json.dumps({"count": count, "params": params}, indent=2, sort_keys=True) + "\n"
         )
         for _attempt in range(5):
+            old = None
             if out.exists():
                 if not overwrite and _is_complete(out, params):
                     # A concurrent build of the same thing finished first: keep it.
-                    _remove_tree(tmp)
                     return out
                 old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
                 try:
                     os.rename(out, old)
                 except FileNotFoundError:
                     old = None  # someone else moved it away meanwhile
-                try:
-                    os.rename(tmp, out)
-                except OSError:
-                    if old is not None and not out.exists():
-                        os.rename(old, out)  # put the previous content back, retry
-                    continue
-                if old is not None:
-                    _remove_tree(old)
-                return out
             try:
-                os.rename(tmp, out)
-                return out
-            except OSError:
-                continue  # appeared in between: loop and decide again
+                rename_onto_new(tmp, out)
+            except OSError:  # something appeared at `out` in between: loop and decide again
+                if old is not None:
+                    if not out.exists():
+                        os.rename(old, out)  # put the previous content back
+                    else:
+                        _remove_empty(old)  # it was a concurrent build's empty placeholder (rename_onto_new's)
+                continue
+            if old is not None:
+                _remove_tree(old)
+            return out
         raise OSError(f"could not move the finished folder into place at {out}")
     finally:
         if tmp.exists():
             _remove_tree(tmp)
 
 
-def _progress(iterable: Iterable, *, total: int, desc: str, progress: bool | None):
-    """Wrap in a tqdm bar; ``progress=None`` shows it only on an interactive terminal."""
-    if progress is False:
-        return iterable
+def _remove_empty(folder: Path) -> None:
     try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return iterable
-    disable = None if progress is None else False  # None: tqdm hides it on non-TTYs
-    return tqdm(iterable, total=total, desc=desc, unit="img", disable=disable, file=sys.stderr)
+        folder.rmdir()
+    except OSError:
+        pass  # not empty: someone's content, left where it is
+
+
+def _progress(iterable: Iterable, *, total: int, desc: str, progress: bool | None):
+    """A bar over the images; ``progress=None`` shows it only on an interactive terminal, False never."""
+    return progress_bar(iterable, total=total, desc=desc, enabled=progress, unit="img")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,60 @@
+"""Who am I among the processes, and the few collectives the toolkit uses outside the model.
+
+Every helper works unchanged in a single process (torch.distributed not initialised, or a
+world of one): then it returns at once, without a collective. Collectives must be called by
+every rank at the same point; each helper says what it sends.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """True when torch.distributed is initialised with more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank if ``flag`` is True on any rank (one tiny all-reduce)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (pickled: small objects only)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_object_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` on rank 0 (a list in rank order); None on the other ranks."""
+    if not is_distributed():
+        return [obj]
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, parts, dst=0)
+    return parts if dist.get_rank() == 0 else None
+
+
+def from_main(obj: Any, device) -> Any:
+    """``obj`` as rank 0 has it, on every rank (the broadcast is also a barrier)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=device)
+    return box[0]
