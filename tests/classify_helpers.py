@@ -85,7 +85,7 @@ def shared_classify_run(tmp_path_factory) -> Path:
 
 
 def make_embedder_file(shards: Path, run_dir: Path, *, input_size: int = 16, embedding_dim: int = 32, train_steps: int = 10, seed: int = 0) -> Path:
-    """A best_embedder.pt written by the embed stage's own ``embedder_payload``, without a run.
+    """A best_embedder.pt in the embed stage's own format (``EmbedderArtifact``), without a run.
 
     A ZFNet trained for a few full-batch steps through a throw-away linear probe (seconds, where
     even a tiny triplet run takes half a minute on a busy CPU), its BatchNorm running
@@ -100,12 +100,12 @@ def make_embedder_file(shards: Path, run_dir: Path, *, input_size: int = 16, emb
     from toolkit.data.shards import read_info
     from toolkit.data.stream import ShardStream, make_loader
     from toolkit.data.transforms import to_model_input
-    from toolkit.engine.embed import embedder_payload
-    from toolkit.engine.validate import embed_split
+    from toolkit.artifacts import EmbedderArtifact
+    from toolkit.evaluation import embed_split
     from toolkit.models import build_embedder
 
     torch.manual_seed(seed)
-    classes = read_info(shards)["classes"]
+    classes = read_info(shards).classes
     model = build_embedder(arch="zfnet", in_channels=1, input_size=input_size, embedding_dim=embedding_dim)
     stream = ShardStream(shards, split="train", mode="eval", batch_size=512)
     _, images, labels = next(iter(make_loader(stream, num_workers=0)))  # the whole (tiny) train split
@@ -137,7 +137,10 @@ def make_embedder_file(shards: Path, run_dir: Path, *, input_size: int = 16, emb
     cfg = EmbedConfig(shards=str(shards), input_size=input_size, embedding_dim=embedding_dim, run_dir=str(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "best_embedder.pt"
-    torch.save(embedder_payload(model, cfg, classes, {"val/knn_accuracy": 1.0}, 8, (emb, labels)), path)
+    from dataclasses import asdict
+
+    saved = EmbedderArtifact.from_model(model, config=asdict(cfg), classes=classes, metrics={"val/knn_accuracy": 1.0}, step=8, index=(emb, labels))
+    torch.save(saved.to_payload(), path)
     with open(run_dir / "metrics.jsonl", "w") as f:
         for step in range(1, 9):
             f.write(json.dumps({"step": step, "train/loss": 0.2 / step, "epoch": (step - 1) // 4}) + "\n")

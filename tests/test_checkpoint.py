@@ -9,17 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from toolkit import checkpoint as ckpt
-from toolkit.checkpoint import (
-    CheckpointError,
-    CheckpointManager,
-    atomic_torch_save,
-    atomic_write_json,
-    atomic_write_text,
-    capture_rng,
-    restore_rng,
-    safe_load,
-)
+from toolkit import files
+from toolkit.checkpoint import CheckpointManager, capture_rng, restore_rng
+from toolkit.errors import CheckpointError
+from toolkit.files import atomic_torch_save, atomic_write_json, atomic_write_text, safe_load
 
 
 def _tiny_training_state(step: int = 7) -> dict:
@@ -158,7 +151,7 @@ def test_crash_during_save_keeps_old_file(tmp_path, monkeypatch):
         f.write(b"PK\x03\x04 half a zip")  # partial bytes reach the temp file ...
         raise KeyboardInterrupt("killed mid-save")  # ... then the process is interrupted
 
-    monkeypatch.setattr(ckpt.torch, "save", dying_save)
+    monkeypatch.setattr(files.torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
         atomic_torch_save({"version": 2}, target)
 

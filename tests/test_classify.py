@@ -9,7 +9,7 @@ import torch
 
 from classify_helpers import ROOT, make_separable_folder, run_launch, shard, shared_classify_run, shared_embed_run
 from conftest import launch_two_cpu
-from toolkit.checkpoint import safe_load
+from toolkit.files import safe_load
 from toolkit.config import ClassifyConfig
 from toolkit.tracking import make_tracker, read_metrics
 
@@ -84,7 +84,7 @@ def test_train_embeddings_are_computed_once_when_cached(cache, tmp_path, tmp_pat
     assert summary["steps"] == 3 * steps_per_epoch and summary["epochs"] == 3
     from toolkit.data.shards import read_info
 
-    n_val = read_info(base["shards"])["splits"]["val"]["num_samples"]
+    n_val = read_info(base["shards"]).splits["val"].num_samples
     train_seen = sum(embedded) - n_val
     assert train_seen == (1 if cache else 3) * steps_per_epoch * 16
     assert summary["best_val_accuracy"] > 0.5  # replayed epochs still train the head

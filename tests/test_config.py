@@ -5,7 +5,8 @@ from typing import Literal, Optional
 import pytest
 import yaml
 
-from toolkit.config import ConfigError, config_from_argv, load_config, parse_overrides
+from toolkit.config import config_from_argv, load_config, parse_overrides
+from toolkit.errors import ConfigError
 
 
 @dataclass

@@ -20,9 +20,10 @@ import torch
 import yaml
 from PIL import Image
 
-from toolkit.checkpoint import safe_load
+from toolkit.files import safe_load
 from toolkit.config import EmbedConfig, load_config
-from toolkit.engine.embed import build_scheduler, resolve_precision
+from toolkit.engine.accelerator import resolve_precision
+from toolkit.engine.embed import build_scheduler
 from toolkit.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,7 +212,8 @@ def test_run_config_yaml_can_be_passed_back_to_launch(trained):
 
 
 def test_best_embedder_is_safe_loadable_and_complete(trained, shards):
-    from toolkit.engine.validate import embed_split, knn_accuracy
+    from toolkit.evaluation import embed_split
+    from toolkit.knn import knn_accuracy
     from toolkit.models import build_embedder
 
     run_dir, _ = trained

@@ -22,7 +22,7 @@ import pytest
 
 from conftest import ACCELERATE, free_port
 from test_embed import LAUNCH, make_quadrant_shards, read_metrics, run_env, step_files, train_steps, write_config
-from toolkit.checkpoint import safe_load
+from toolkit.files import safe_load
 
 pytestmark = pytest.mark.slow
 

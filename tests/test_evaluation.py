@@ -1,4 +1,4 @@
-"""Validation metrics (toolkit/engine/validate.py) against independent reference implementations.
+"""Validation metrics (toolkit/evaluation.py, toolkit/knn.py) against independent reference implementations.
 
 kNN accuracy must be scikit-learn's KNeighborsClassifier; precision@1 and MAP@R (Musgrave
 et al., 2020) are checked against a deliberately naive float64 loop written here; the
@@ -11,7 +11,8 @@ import pytest
 import torch
 from sklearn.neighbors import KNeighborsClassifier
 
-from toolkit.engine.validate import evaluate_embeddings, gather_to_main, knn_accuracy, retrieval_metrics
+from toolkit.evaluation import evaluate_embeddings, gather_to_main, retrieval_metrics
+from toolkit.knn import knn_accuracy
 
 
 def blobs(n_per_class: int, num_classes: int, dim: int, *, spread: float, seed: int, centres_seed: int = 0):
@@ -78,7 +79,6 @@ def test_knn_accuracy_equals_sklearn(k, backend):
 
 
 def test_knn_auto_backend_switches_to_torch_on_large_sets(monkeypatch):
-    import toolkit.engine.validate as validate
     import toolkit.knn
 
     calls = []
@@ -88,7 +88,7 @@ def test_knn_auto_backend_switches_to_torch_on_large_sets(monkeypatch):
     val, val_y = blobs(6, 4, 8, spread=1.2, seed=2)
     small = knn_accuracy(train, train_y, val, val_y)
     assert calls == []  # 48 x 24 pairs: scikit-learn
-    monkeypatch.setattr(validate, "TORCH_KNN_MIN_PAIRS", len(train_y) * len(val_y))
+    monkeypatch.setattr(toolkit.knn, "TORCH_KNN_MIN_PAIRS", len(train_y) * len(val_y))
     big = knn_accuracy(train, train_y, val, val_y)
     assert calls == [1] and big[0] == small[0] and np.array_equal(big[1], small[1])
     with pytest.raises(ValueError, match="backend"):

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from classify_helpers import make_separable_folder, shard, shared_classify_run, shared_embed_run
-from toolkit.data.folder import DataError
+from toolkit.errors import DataError
 from toolkit.data.shards import read_info
-from toolkit.inference import evaluate, export, export_paths, knn_predict, predict, run_split
+from toolkit.evaluation import evaluate, run_split
+from toolkit.knn import knn_vote
+from toolkit.inference import export, export_paths, predict
 
 
 def val_images(base) -> dict[str, str]:
@@ -17,10 +19,10 @@ def val_images(base) -> dict[str, str]:
     info = read_info(base["shards"])
     manifest = pd.read_csv(base["shards"] / "manifest.csv")
     val = manifest[manifest["split"] == "val"]
-    return {k: f"{info['source']}/{p}" for k, p in zip(val["key"], val["path"])}
+    return {k: f"{info.source}/{p}" for k, p in zip(val["key"], val["path"])}
 
 
-def test_knn_predict_matches_scikit_learn():
+def test_knn_vote_matches_scikit_learn():
     from sklearn.neighbors import KNeighborsClassifier
 
     g = torch.Generator().manual_seed(0)
@@ -28,12 +30,12 @@ def test_knn_predict_matches_scikit_learn():
     ref_y = torch.randint(0, 5, (300,), generator=g)
     q = torch.nn.functional.normalize(torch.randn(100, 16, generator=g), dim=1)  # (Q, D)
     for k in (1, 13):
-        pred, share = knn_predict(ref, ref_y, q, k=k, num_classes=5, block=7)
+        pred, share = knn_vote(ref, ref_y, q, k=k, block=7)
         expected = KNeighborsClassifier(n_neighbors=k).fit(ref.numpy(), ref_y.numpy()).predict(q.numpy())
         assert (pred.numpy() == expected).all()
         assert ((share * k).round() >= 1).all() and (share <= 1).all()
     # k larger than the reference set: every reference votes
-    pred, share = knn_predict(ref[:3], torch.tensor([2, 2, 1]), q[:4], k=13, num_classes=5)
+    pred, share = knn_vote(ref[:3], torch.tensor([2, 2, 1]), q[:4], k=13)
     assert pred.tolist() == [2, 2, 2, 2] and torch.allclose(share, torch.full((4,), 2 / 3))
 
 
@@ -78,7 +80,7 @@ def test_predict_reports_bad_files_and_answers_the_rest(tmp_path, tmp_path_facto
     assert answers[0]["error"] == "no such file" and "label" not in answers[0]
     assert "not a readable image" in answers[2]["error"] and "not a readable image" in answers[3]["error"]
     for a in (answers[1], answers[4]):
-        assert "error" not in a and a["label"] in read_info(base["shards"])["classes"] and 0 < a["confidence"] <= 1
+        assert "error" not in a and a["label"] in read_info(base["shards"]).classes and 0 < a["confidence"] <= 1
     assert answers[1] == {**answers[4], "path": answers[1]["path"]}
 
 
@@ -97,7 +99,7 @@ def test_export_round_trip(tmp_path, tmp_path_factory):
     out = tmp_path / "exp" / "val.csv"
     n = export(base["embed"], base["shards"], out, split="val")
     info = read_info(base["shards"])
-    assert n == info["splits"]["val"]["num_samples"] == 24
+    assert n == info.splits["val"].num_samples == 24
 
     files = export_paths(out)
     keys = np.load(files["keys"])  # no allow_pickle needed: plain unicode array
@@ -109,7 +111,7 @@ def test_export_round_trip(tmp_path, tmp_path_factory):
 
     table = pd.read_csv(files["table"])
     assert len(table) == n and list(table["key"]) == list(keys) and (table["label"].to_numpy() == labels).all()
-    assert (table["class"] == [info["classes"][i] for i in labels]).all()
+    assert (table["class"] == [info.classes[i] for i in labels]).all()
     assert np.allclose(table[[c for c in table.columns if c.startswith("e")]].to_numpy(), emb, atol=1e-6)
     # original paths come from the shards' manifest; labels agree with the class folder
     assert all(p.split("/")[0] == c for p, c in zip(table["path"], table["class"]))
@@ -162,8 +164,9 @@ def test_malformed_model_files_are_one_line_errors(tmp_path, tmp_path_factory):
         "class names not strings": {**good, "classes": [1, 2, 3, 4]},
         "no weights": {**{k: v for k, v in good.items() if k != "model"}},
         "head without embedder path": {"kind": "head", "config": {}, "classes": ["a"], "head": {}, "embedder": 7},
-        "absurd preprocessing": {**good, "preprocess": {"image_size": 10**9, "grayscale": True}},
     }
+    head = torch.load(shared_classify_run(tmp_path_factory) / "best_head.pt", weights_only=True)
+    cases["absurd preprocessing"] = {**head, "preprocess": {"image_size": 10**9, "grayscale": True}}
     image = next(iter(val_images(base).values()))
     for name, payload in cases.items():
         path = tmp_path / f"{name.replace(' ', '_')}.pt"

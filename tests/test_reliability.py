@@ -41,7 +41,9 @@ from PIL import Image
 from conftest import craft_shards, free_port, make_image_folder, read_tar_samples, write_tar
 from test_embed import LAUNCH, make_quadrant_shards, read_metrics, run_env, step_files, train_steps, write_config
 from test_embed_launch import ACCELERATE, finish, kill_tree
-from toolkit.checkpoint import CheckpointError, CheckpointManager, safe_load
+from toolkit.checkpoint import CheckpointManager
+from toolkit.files import safe_load
+from toolkit.errors import CheckpointError
 
 SCRIPTS = Path(__file__).resolve().parent / "dist_scripts"
 RUN_TIMEOUT_S = 240
@@ -392,7 +394,7 @@ def test_strict_data_stops_at_the_first_damaged_shard_naming_it(tmp_path, corrup
 
 def test_truncated_shard_is_reported_not_read_as_a_shorter_one(tmp_path):
     """tarfile reads a tar cut at a member boundary as a complete, shorter archive: no error at all."""
-    from toolkit.data.folder import DataError
+    from toolkit.errors import DataError
     from toolkit.data.stream import ShardStream, make_loader
 
     folder = tmp_path / "shards"
@@ -543,11 +545,11 @@ def test_odd_image_modes_are_converted_or_reported(tmp_path):
     assert rotated[:14].mean() < 20 and rotated[18:].mean() > 235, "the stored left half is on top after the rotation"
     assert px("one_pixel.png") == [[200]]
 
-    skipped = dict(info["_skipped_list"])
+    skipped = dict(info.skipped_files)
     assert set(skipped) == {"odd/bomb_error.png", "odd/bomb_warning.png"}
     assert "DecompressionBombError" in skipped["odd/bomb_error.png"]
     assert "DecompressionBombWarning" in skipped["odd/bomb_warning.png"]
-    assert info["skipped"] == 2 and len(stored) == 8
+    assert info.skipped == 2 and len(stored) == 8
     import pandas as pd
 
     assert set(pd.read_csv(tmp_path / "shards" / "skipped.csv")["path"]) == set(skipped)
@@ -592,8 +594,8 @@ class _RunsCode:
 
 
 def test_checkpoint_with_code_in_its_pickle_is_refused_and_nothing_runs(tmp_path):
-    from toolkit.data.folder import DataError
-    from toolkit.inference import open_run
+    from toolkit.errors import DataError
+    from toolkit.artifacts import open_run
 
     marker = tmp_path / "pwned"
     folder = tmp_path / "checkpoints"
@@ -651,3 +653,14 @@ def test_hostile_file_names_stay_plain_keys_inside_the_shards(tmp_path):
     assert all(re.fullmatch(r"s\d{8}\.(png|cls|json)", m) for m in members), members
     stored = stored_images(tmp_path / "out" / "shards")
     assert set(stored) == {f"{cls}/{f}" for cls, files in hostile.items() for f in files}, "original names kept as data"
+
+
+@pytest.mark.parametrize("message", ["Application timeout caused pair closure", "[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234"])
+def test_what_gloo_says_about_a_stuck_or_dead_peer_is_one_line(message, tmp_path):
+    """gloo words a peer that stopped answering in several ways (seen: the first one, from a
+    SIGSTOPped rank): each must give the one `lost contact` line, not a traceback."""
+    from toolkit.engine.failures import failure_line
+
+    status, line = failure_line(RuntimeError(message), rank=0, world=2, run_dir=tmp_path)
+    assert status == 1 and line.startswith("error: rank 0: lost contact with another process during training (")
+    assert "resume with resume=true" in line

@@ -23,7 +23,7 @@ import yaml
 from classify_helpers import run_launch, shared_classify_run, shared_embed_run
 from conftest import launch_two_cpu
 from test_embed import LAUNCH, launch_python, make_quadrant_shards, step_files, train_steps, write_config
-from toolkit.checkpoint import safe_load
+from toolkit.files import safe_load
 from toolkit.rundir import (
     LOCK_NAME,
     RUN_OUTPUTS,

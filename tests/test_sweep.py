@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from conftest import free_port, make_image_folder
-from toolkit.config import ConfigError, _field_types, load_config
+from toolkit.config import _field_types, load_config
+from toolkit.errors import ConfigError
 from toolkit.data.shards import write_shards
 from toolkit.sweep import STAGES, expand_command, load_sweep, sample_parameters, stage_of
 

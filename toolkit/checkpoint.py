@@ -1,4 +1,4 @@
-"""Atomic checkpoints: write-tmp-then-rename, keep the last K plus best, resume from the newest good one.
+"""Checkpoints: keep the last K plus best, resume from the newest good one (writes via toolkit.files).
 
 Nothing here knows about Accelerate: callers hand in plain state dicts (model, optimizer,
 scheduler, scaler, RNG, step, data epoch, config) and get plain dicts back.
@@ -13,124 +13,24 @@ import logging
 import os
 import random
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from toolkit.artifacts import LATEST_FILE
+from toolkit.errors import CheckpointError
+from toolkit.files import atomic_torch_save, atomic_write_json, safe_load
+
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "CheckpointError",
-    "CheckpointManager",
-    "atomic_torch_save",
-    "atomic_write_json",
-    "atomic_write_text",
-    "capture_rng",
-    "restore_rng",
-    "safe_load",
-]
+__all__ = ["CheckpointManager", "capture_rng", "restore_rng"]
 
 _STEP_RE = re.compile(r"^step-(\d+)\.pt$")
-# Temp files of _atomic_write for step files and the pointer; only a SIGKILL/power cut mid-save
+# Temp files of toolkit.files.atomic_write for step files and the pointer; only a SIGKILL/power cut mid-save
 # leaves one behind (any exception removes its own).
 _STALE_TMP_RE = re.compile(r"^\.(step-\d+\.pt|latest\.json)\..+\.tmp$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated, corrupt or holds objects weights_only refuses."""
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-def _atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(fileobj)`` on a temp file next to ``path``, fsync it, then ``os.replace``.
-
-    The temp file lives in the same directory so the rename never crosses a filesystem
-    (``os.replace`` is only atomic within one). A crash before the rename leaves the old
-    ``path`` untouched; the temp file is removed on any exception.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600 files; give the result the permissions of any new file
-        # (umask), so teammates and the host user outside a container can read runs.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        # BaseException too: a KeyboardInterrupt mid-save must not leave litter behind.
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable across a power cut; not supported everywhere (Windows).
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj, path)`` that never leaves a half-written file at ``path``."""
-    return _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
-    """Replace ``path`` with ``text`` atomically."""
-    return _atomic_write(path, lambda f: f.write(text.encode(encoding)))
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
-    """Replace ``path`` with ``obj`` as JSON atomically (trailing newline, stable key order)."""
-    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
-
-
-# --------------------------------------------------------------------------- safe loading
-
-
-def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """``torch.load(path, weights_only=True)`` with one clear error type for every failure.
-
-    Raises :class:`CheckpointError` naming the file when it is missing, truncated, corrupt, or
-    holds objects the weights-only unpickler refuses (arbitrary classes, functions).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # RuntimeError, UnpicklingError, EOFError, ... depending on the damage
-        text = str(e)
-        # torch's message is a long paragraph; keep the part that says what went wrong.
-        detail = text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0]
-        detail = " ".join(detail.split())[:300] or type(e).__name__
-        if "Unsupported global" in text:
-            reason = "holds objects that weights_only loading refuses (save only tensors, dicts, lists, numbers, str, None)"
-        else:
-            reason = "unreadable (truncated or corrupt; was the save interrupted?)"
-        raise CheckpointError(f"{path}: {reason}: {detail}") from e
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -204,7 +104,7 @@ class CheckpointManager:
     so a run killed mid-save (or a corrupted disk block) costs at most one checkpoint interval.
     """
 
-    pointer_name = "latest.json"
+    pointer_name = LATEST_FILE
 
     def __init__(self, directory: str | os.PathLike, *, keep_last: int = 3):
         if keep_last < 1:

@@ -21,8 +21,7 @@ import time
 import typing
 from pathlib import Path
 
-from toolkit.config import ConfigError
-from toolkit.data.folder import DataError
+from toolkit.errors import ConfigError, DataError
 
 
 def shard(
@@ -82,23 +81,15 @@ def _print_shard_summary(info: dict, out: str | Path, seconds: float) -> None:
     print("\n".join(shard_report_lines(info, out, seconds=seconds)))
 
 
-def _repo_file(*parts: str) -> Path:
-    """A file of the checkout (launch/, configs/): the package is installed editable (README)."""
-    path = Path(__file__).resolve().parents[1].joinpath(*parts)
-    if not path.exists():
-        raise DataError(f"{path} not found: run from a checkout installed with `pip install -e .`")
+def shipped_config(*parts: str) -> Path:
+    """A config file shipped with the package: ``toolkit/configs`` (a link to the checkout's ``configs/``)."""
+    path = Path(__file__).resolve().parent.joinpath("configs", *parts)
+    if not path.is_file():
+        raise DataError(f"shipped config {'/'.join(parts)} not found in {path.parent}: reinstall the toolkit")
     return path
 
 
-def run_launch_script(name: str, argv: list[str]) -> int:
-    """Run ``launch/NAME.py`` in this process (single process, same as ``accelerate launch`` on one device)."""
-    import runpy
-
-    module = runpy.run_path(str(_repo_file("launch", f"{name}.py")), run_name=f"toolkit_launch_{name}")
-    return module["main"](argv)
-
-
-def demo(*, shards: str = "shards/digits", runs: str = "runs", overwrite: bool = False, tracker: str = "wandb"):
+def demo(*, shards: str = "shards/digits", runs: str = "runs", overwrite: bool = False, tracker: str = "wandb", epochs: int = 0):
     """Run the whole job on scikit-learn's handwritten digits (1,797 real 8x8 images, no download).
 
     Writes the digits as an image folder in the cache (~/.cache/toolkit/digits or
@@ -113,8 +104,9 @@ def demo(*, shards: str = "shards/digits", runs: str = "runs", overwrite: bool =
         runs: parent folder of the run folders (runs/digits-embed, ...).
         overwrite: rebuild the shards and start the runs afresh.
         tracker: wandb (offline unless logged in) or none.
+        epochs: train both stages for this many epochs (0 = the configs' 20 and 8; 1 is a quick check that everything runs).
     """
-    from toolkit.data.datasets import default_data_dir, write_digits_folder
+    from toolkit.datasets import default_data_dir, write_digits_folder
     from toolkit.data.shards import INFO_NAME, write_shards
 
     t0 = time.time()
@@ -127,21 +119,24 @@ def demo(*, shards: str = "shards/digits", runs: str = "runs", overwrite: bool =
         print(f"re-using shards in {shards} (pass --overwrite to rebuild)")
     embed_dir, classify_dir = Path(runs) / "digits-embed", Path(runs) / "digits-classify"
     print(f"[2/3] training the embedder -> {embed_dir}")
-    common = [f"tracker={tracker}", "overwrite=true"]
-    rc = run_launch_script(
-        "embed",
-        ["--config", str(_repo_file("configs", "embed", "digits.yaml")), f"shards={shards}", f"run_dir={embed_dir}", *common],
+    if epochs < 0:
+        raise ConfigError(f"toolkit demo: --epochs must be >= 0, got {epochs}")
+    common = [f"tracker={tracker}", "overwrite=true", *([f"epochs={epochs}", "val_every=1"] if epochs else [])]
+    from toolkit.recipes import classify as classify_recipe, embed as embed_recipe
+
+    rc = embed_recipe.main(
+        ["--config", str(shipped_config("embed", "digits.yaml")), f"shards={shards}", f"run_dir={embed_dir}", *common],
     )
     if rc:
         sys.exit(rc)
     print(f"[3/3] training the classifier head on the frozen embedder -> {classify_dir}")
-    rc = run_launch_script(
-        "classify",
-        ["--config", str(_repo_file("configs", "classify", "digits.yaml")), f"embedder={embed_dir}", f"shards={shards}",
-         f"run_dir={classify_dir}", *common],
+    rc = classify_recipe.main(
+        ["--config", str(shipped_config("classify", "digits.yaml")), f"embedder={embed_dir}", f"shards={shards}",
+         f"run_dir={classify_dir}", *(c for c in common if c != "val_every=1")],
     )
     if rc:
         sys.exit(rc)
+    from toolkit.artifacts import REPORT_MD
     from toolkit.report import load_report
 
     report = load_report(classify_dir)
@@ -151,7 +146,7 @@ def demo(*, shards: str = "shards/digits", runs: str = "runs", overwrite: bool =
     print(f"| kNN (k = {report['knn_k']}) on the embeddings | {report['knn_accuracy']:.4f} |")
     print(f"| classifier head on the frozen embedder | {report['head_accuracy']:.4f} |")
     print()
-    print(f"report: {classify_dir / 'report.md'}")
+    print(f"report: {classify_dir / REPORT_MD}")
     for name, path in sorted(report["plots"].items()):
         print(f"plot {name}: {classify_dir / path}")
     print(f"demo finished in {(time.time() - t0) / 60:.1f} min")
@@ -202,7 +197,7 @@ def evaluate(run: str, *, shards: str = "", split: str = "val", method: str = ""
     """
     import json as _json
 
-    from toolkit.inference import evaluate as evaluate_run
+    from toolkit.evaluation import evaluate as evaluate_run
 
     m = evaluate_run(run, shards or None, split, method or None, k=k or None, device=device or None, num_workers=workers)
     if json:

@@ -18,10 +18,7 @@ from typing import Any, Sequence
 import yaml
 
 from toolkit.data.location import from_file_message, is_local_location
-
-
-class ConfigError(ValueError):
-    """A bad config: unknown key, wrong type or out-of-range value. One line, says which."""
+from toolkit.errors import ConfigError
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -80,7 +77,6 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}") from None
     return value
-
 
 
 def _suggest(key: str, known: Sequence[str]) -> str:
@@ -293,7 +289,7 @@ class EmbedConfig:
 class ClassifyConfig:
     """Second stage: a classifier head on the frozen embedder (the seed's comparison with kNN)."""
 
-    embedder: str = "runs/digits-embed/best_embedder.pt"  # a best_embedder.pt or the run folder holding it
+    embedder: str = "runs/digits-embed"  # an embedding run folder, or its best_embedder.pt
     shards: Optional[str] = None  # default: the shards the embedder was trained on
     batch_size: int = 256  # per process, plain shuffled batches
     shuffle_buffer: int = 1000

@@ -1,5 +1,10 @@
-"""Blockwise exact kNN classification in torch, with scikit-learn's answers.
+"""kNN classification: the one entry point for every nearest-neighbour vote in the toolkit.
 
+:func:`knn_accuracy` scores embeddings (scikit-learn below ``TORCH_KNN_MIN_PAIRS`` train ×
+query pairs, the blockwise torch kNN above and on GPU: same predictions); the validator,
+``toolkit evaluate``, predict and the classifier stage all vote through :func:`knn_predict`.
+
+Blockwise exact kNN classification in torch, with scikit-learn's answers.
 :func:`knn_predict` returns what ``KNeighborsClassifier(n_neighbors=k)`` (Euclidean,
 uniform weights) predicts on the same data, tie rules included:
 
@@ -263,12 +268,53 @@ def knn_predict(
     return classes[cls], votes
 
 
+def knn_vote(ref: torch.Tensor, ref_labels: torch.Tensor, queries: torch.Tensor, *, k: int,
+              block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """kNN prediction with its confidence: (pred (Q,), share of the k votes the winner got (Q,)), on the CPU.
+
+    ``ref`` (N, D) on any device, ``ref_labels`` (N,), ``queries`` (Q, D); k is capped at N.
+    """
+    k = min(k, ref.shape[0])
+    pred, votes = knn_predict(ref.float(), ref_labels.long().to(ref.device), queries.float().to(ref.device), k=k, block=block)
+    return pred.cpu(), (votes.float() / k).cpu()
+
+
 def knn_accuracy_torch(train_emb, train_labels, val_emb, val_labels, *, k: int = 13, block: int | None = None):
-    """Like :func:`toolkit.engine.validate.knn_accuracy`, with :func:`knn_predict`: (accuracy, predictions)."""
+    """:func:`knn_accuracy` with the torch backend (:func:`knn_predict`): (accuracy, predictions)."""
     pred, _ = knn_predict(train_emb, train_labels, val_emb, k=k, block=block)
     truth = _as_tensor(val_labels).to(pred.device)
     acc = float((pred == truth).double().mean()) if len(truth) else math.nan
     return acc, pred.cpu().numpy()
 
 
-__all__ = ["knn_accuracy_torch", "knn_neighbors", "knn_predict"]
+# train × query pairs above which the toolkit's blockwise torch kNN beats scikit-learn on
+# CPU (toolkit bench knn, 2 cores: 0.68× at 10k × 1.5k, 0.89× at 30k × 4.5k, 1.34× at
+# 100k × 15k; so from about 50k × 7.5k). Both give the same predictions.
+TORCH_KNN_MIN_PAIRS = 4 * 10**8
+
+
+def knn_accuracy(train_emb, train_labels, val_emb, val_labels, *, k: int = 13,
+                 backend: str = "auto") -> tuple[float, np.ndarray]:
+    """kNN classifier (Euclidean, uniform votes, scikit-learn's answers). Returns (accuracy, predictions).
+
+    ``backend``: "sklearn" (``KNeighborsClassifier``), "torch" (:func:`knn_predict`,
+    same predictions, tie rules included) or "auto": torch on CUDA tensors or from
+    ``TORCH_KNN_MIN_PAIRS`` train × query pairs on, where it is the faster of the two.
+    """
+    if backend not in ("auto", "sklearn", "torch"):
+        raise ValueError(f"knn backend must be auto, sklearn or torch, got {backend!r}")
+    if backend == "auto":
+        on_gpu = isinstance(train_emb, torch.Tensor) and train_emb.is_cuda
+        big = len(train_labels) * len(val_labels) >= TORCH_KNN_MIN_PAIRS
+        backend = "torch" if on_gpu or big else "sklearn"
+    if backend == "torch":
+        return knn_accuracy_torch(train_emb, train_labels, val_emb, val_labels, k=k)
+    from sklearn.neighbors import KNeighborsClassifier
+
+    clf = KNeighborsClassifier(n_neighbors=min(k, len(train_labels)))
+    clf.fit(np.asarray(train_emb), np.asarray(train_labels))
+    pred = clf.predict(np.asarray(val_emb))
+    return float((pred == np.asarray(val_labels)).mean()), pred
+
+
+__all__ = ["TORCH_KNN_MIN_PAIRS", "knn_accuracy", "knn_accuracy_torch", "knn_neighbors", "knn_predict", "knn_vote"]

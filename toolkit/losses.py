@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from toolkit.distributed import world
+
 STRATEGIES = ("semihard", "hard", "all")
 
 # "all" enumerates triplets for a chunk of anchors at a time: chunk * B * B elements.
@@ -324,13 +326,6 @@ def _all_triplets(dist_, pos_mask, neg_mask, margin, num_pairs):
 # --------------------------------------------------------------------------------------
 
 
-def _world() -> tuple[int, int]:
-    """(rank, world_size); (0, 1) when torch.distributed is not in use."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _check_equal_batch(local: torch.Tensor, world_size: int) -> None:
     # all_gather needs equal shapes; a mismatch would crash or hang inside the collective.
     # Every rank sees the same list of sizes, so every rank raises together (no hang).
@@ -346,7 +341,7 @@ def _check_equal_batch(local: torch.Tensor, world_size: int) -> None:
 
 
 def _all_gather_cat(local: torch.Tensor, keep_grad: bool) -> torch.Tensor:
-    rank, world_size = _world()
+    rank, world_size = world()
     if world_size == 1:
         return local
     _check_equal_batch(local, world_size)
@@ -392,7 +387,7 @@ def distributed_triplet_loss(
     W turns that average into the sum, i.e. exactly the single-process gradient.
     Requires equal local batch sizes (checked; raises ValueError otherwise).
     """
-    _, world_size = _world()
+    _, world_size = world()
     all_emb = gather_with_grad(embeddings)  # (W * B, D)
     all_labels = gather_labels(labels.to(embeddings.device))  # (W * B,)
     loss, stats = triplet_loss(

@@ -22,8 +22,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from toolkit.checkpoint import atomic_write_json, atomic_write_text
-from toolkit.inference import SplitResult, open_run, run_split, split_metrics
+from toolkit.files import atomic_write_json, atomic_write_text
+from toolkit.artifacts import HEAD_FILE, METRICS_FILE, PLOTS_DIR, REPORT_JSON, REPORT_MD, open_run
+from toolkit.evaluation import SplitResult, run_split, split_metrics
 from toolkit.tracking import read_metrics
 
 __all__ = ["confusion_matrix", "confused_pairs", "load_report", "project_2d", "write_report"]
@@ -232,7 +233,7 @@ def write_report(
     run_dir = Path(run_dir)
     run = open_run(run_dir)
     if run.head is None:
-        raise ValueError(f"{run_dir}: not a classifier run (no best_head.pt)")
+        raise ValueError(f"{run_dir}: not a classifier run (no {HEAD_FILE})")
     res: SplitResult = run_split(run, shards, split, "both", k=k, device=device, batch_size=batch_size, num_workers=num_workers)
     m = split_metrics(res)
     classes, y = res.classes, res.labels.numpy()
@@ -243,28 +244,28 @@ def write_report(
     counts = np.bincount(y, minlength=len(classes))
     notes: list[str] = []
 
-    plots_dir = run_dir / "plots"
+    plots_dir = run_dir / PLOTS_DIR
     plots: dict[str, str] = {}
     embed_rows = read_metrics(run.embedder_path.parent)
     if embed_rows:
         plots["curves_embed"] = plot_embed_curves(embed_rows, plots_dir / "curves_embed.png")
     else:
-        notes.append(f"no metrics.jsonl next to {run.embedder_path}: embedding-stage curves skipped")
+        notes.append(f"no {METRICS_FILE} next to {run.embedder_path}: embedding-stage curves skipped")
     head_rows = read_metrics(run_dir)
     if any("val/accuracy" in r for r in head_rows):
         plots["curves_classify"] = plot_classify_curves(head_rows, plots_dir / "curves_classify.png", knn_accuracy=m["knn_accuracy"])
     else:
-        notes.append(f"no per-epoch records in {run_dir / 'metrics.jsonl'}: classifier curves skipped")
+        notes.append(f"no per-epoch records in {run_dir / METRICS_FILE}: classifier curves skipped")
     plots["confusion"] = plot_confusion(matrices, classes, plots_dir / "confusion.png")
     xy = project_2d(res.embeddings, projection)
     title = f"{split} embeddings, {projection.upper()} (colour = class)"
     plots["projection"] = plot_projection(xy, y, classes, plots_dir / "projection.png", title=title)
 
-    emb_metrics = run.embedder.get("metrics", {})
+    emb_metrics = run.embedder.metrics
     rep = {
         "run_dir": str(run_dir),
         "embedder": str(run.embedder_path),
-        "embedder_step": int(run.embedder.get("step", 0)),
+        "embedder_step": run.embedder.step,
         "embed_stage_knn_accuracy": emb_metrics.get("val/knn_accuracy"),
         "shards": res.shards,
         "split": split,
@@ -275,7 +276,7 @@ def write_report(
         "knn_accuracy": m["knn_accuracy"],
         "head_accuracy": m["head_accuracy"],
         "head_loss": m["head_loss"],
-        "head_best_epoch": run.head.get("epoch"),
+        "head_best_epoch": run.head.epoch,
         "per_class": [
             {"class": name, "images": int(counts[i]), "knn_accuracy": m["knn_per_class"][name], "head_accuracy": m["head_per_class"][name]}
             for i, name in enumerate(classes)
@@ -285,8 +286,8 @@ def write_report(
         "plots": {name: str(p.relative_to(run_dir)) for name, p in plots.items()},
         "notes": notes,
     }
-    atomic_write_json(run_dir / "report.json", rep)
-    atomic_write_text(run_dir / "report.md", _markdown(rep))
+    atomic_write_json(run_dir / REPORT_JSON, rep)
+    atomic_write_text(run_dir / REPORT_MD, _markdown(rep))
     if tracker is not None:
         for name, p in plots.items():
             tracker.log_image(f"report/{name}", p)
@@ -296,4 +297,4 @@ def write_report(
 
 def load_report(run_dir: str | Path) -> dict:
     """The report.json of a classifier run."""
-    return json.loads((Path(run_dir) / "report.json").read_text())
+    return json.loads((Path(run_dir) / REPORT_JSON).read_text())

@@ -1,6 +1,6 @@
 """One run per run folder: a lock while a job uses it, and ``overwrite=true`` moving the old run aside.
 
-A run folder holds one run's outputs (:data:`RUN_OUTPUTS`). Two rules keep two runs from
+A run folder holds one run's outputs (:data:`toolkit.artifacts.RUN_OUTPUTS`). Two rules keep two runs from
 mixing there:
 
 * **One job at a time.** While a job runs, ``RUN/.lock`` names it (JSON: pid, host, start
@@ -30,7 +30,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from toolkit.config import ConfigError
+from toolkit.artifacts import LOCK_FILE, RUN_OUTPUTS
+from toolkit.distributed import from_main
+from toolkit.errors import ConfigError
 
 __all__ = [
     "LOCK_NAME",
@@ -49,25 +51,8 @@ __all__ = [
     "takeover_message",
 ]
 
-LOCK_NAME = ".lock"
+LOCK_NAME = LOCK_FILE
 PREVIOUS_PREFIX = "previous-"
-
-# Everything the toolkit writes in a run folder (both stages, trackers included). Only these
-# names move aside on overwrite; the lock only when stale (a live job's lock is never moved).
-RUN_OUTPUTS = (
-    "checkpoints",
-    "best_embedder.pt",
-    "best_head.pt",
-    "metrics.jsonl",
-    "summary.json",
-    "config.yaml",
-    "report.json",
-    "report.md",
-    "plots",
-    "wandb",
-    "wandb-data",
-    LOCK_NAME,
-)
 
 
 class RunFolderBusy(ConfigError):
@@ -355,17 +340,6 @@ class RunClaim:
         self.release()
 
 
-def _from_main(obj, device):
-    """``obj`` as the main process has it, on every rank (the broadcast is also a barrier)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, device=device)
-    return box[0]
-
-
 def claim_run_dir(
     accelerator, run_dir: str | os.PathLike, *, overwrite: bool, command: str | None = None,
     check: Callable[[], None] | None = None,
@@ -395,7 +369,7 @@ def claim_run_dir(
             if lock is not None:
                 lock.release()
                 lock = None
-    error = _from_main(error, accelerator.device)
+    error = from_main(error, accelerator.device)
     if error is not None:
         raise ConfigError(error)
     return RunClaim(lock)

@@ -20,7 +20,8 @@ from typing import Any
 
 import yaml
 
-from toolkit.config import ClassifyConfig, ConfigError, EmbedConfig, _field_types
+from toolkit.config import ClassifyConfig, EmbedConfig, _field_types
+from toolkit.errors import ConfigError
 from toolkit.data.location import from_file_message, is_local_location
 
 # What each stage's validator logs (metric names a sweep may optimise).

@@ -1,4 +1,4 @@
-"""Run tracking: local files always, W&B when asked (offline unless logged in), progress bars.
+"""Run tracking: local files always, W&B when asked (offline unless logged in).
 
 Every run folder gets the same plain files whatever the backend, so a run can be inspected
 with ``cat`` and compared without W&B:
@@ -19,19 +19,18 @@ import json
 import math
 import netrc
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Literal
 from urllib.parse import urlsplit
 
-from toolkit.checkpoint import atomic_write_json, atomic_write_text
+from toolkit.artifacts import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from toolkit.files import atomic_write_json, atomic_write_text
 
 __all__ = [
     "NullTracker",
     "Tracker",
     "make_tracker",
-    "progress",
     "read_metrics",
     "wandb_mode",
 ]
@@ -174,9 +173,9 @@ class Tracker(NullTracker):
         self.config = _plain(config)  # dicts and dataclasses alike
         if not isinstance(self.config, dict):
             raise TypeError(f"config must be a dict or dataclass, got {type(config).__name__}")
-        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
+        atomic_write_text(self.run_dir / CONFIG_FILE, yaml.safe_dump(self.config, sort_keys=False))
         # Append, not truncate: a resumed run continues the same metrics file.
-        self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self._metrics = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
         self._summary: dict = {}
         self._last_step: int | None = None
         self._run = None
@@ -226,7 +225,7 @@ class Tracker(NullTracker):
         """Merge ``values`` into the run summary (W&B) and rewrite summary.json."""
         values = {str(k): _plain(v) for k, v in values.items()}
         self._summary.update(values)
-        atomic_write_json(self.run_dir / "summary.json", {k: _json_number(v) for k, v in self._summary.items()})
+        atomic_write_json(self.run_dir / SUMMARY_FILE, {k: _json_number(v) for k, v in self._summary.items()})
         if self._run is not None:
             self._run.summary.update(values)
 
@@ -291,7 +290,7 @@ def make_tracker(
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     """Parse ``run_dir/metrics.jsonl``; a torn last line (run killed mid-write) is skipped."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
     rows = []
@@ -308,63 +307,3 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
             raise ValueError(f"{path}:{i + 1}: not valid JSON: {line[:80]!r}") from None
     return rows
 
-
-# --------------------------------------------------------------------------- progress bars
-
-
-class _NoBar:
-    """Stands in for a tqdm bar when bars are off: iterates and swallows updates."""
-
-    def __init__(self, iterable=None, total=None):
-        self.iterable = iterable
-        self.total = total
-        self.n = 0
-
-    def __iter__(self):
-        if self.iterable is None:
-            return iter(())
-        return iter(self.iterable)
-
-    def __len__(self):
-        if self.total is not None:
-            return self.total
-        return len(self.iterable)  # type: ignore[arg-type]
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-
-    def set_postfix(self, *args, **kwargs) -> None:
-        pass
-
-    def set_description(self, *args, **kwargs) -> None:
-        pass
-
-    def write(self, s: str, *args, **kwargs) -> None:
-        print(s, file=sys.stderr)
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def progress(iterable=None, *, total: int | None = None, desc: str | None = None, enabled: bool | None = True, **kw):
-    """A tqdm bar, or a silent stand-in with the same ``update``/``set_postfix``/``close``.
-
-    ``enabled=True`` forces a bar, ``False`` (e.g. non-main ranks) disables it, ``None`` means
-    "only when stderr is a terminal", so batch-job logs aren't filled with carriage returns.
-    """
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        return _NoBar(iterable, total)
-    from tqdm.auto import tqdm
-
-    kw.setdefault("dynamic_ncols", True)
-    if not sys.stderr.isatty():
-        kw.setdefault("mininterval", 30.0)  # log files: one line every 30 s, not a wall of \r updates
-    return tqdm(iterable, total=total, desc=desc, **kw)

@@ -26,15 +26,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from toolkit.checkpoint import atomic_torch_save
-from toolkit.config import ClassifyConfig, ConfigError
+from toolkit.artifacts import EMBEDDER_FILE, HEAD_FILE, HeadArtifact, check_classes, load_embedder, open_run, recorded_shards
+from toolkit.config import ClassifyConfig
 from toolkit.data.shards import read_info
 from toolkit.data.stream import ShardStream, make_loader
 from toolkit.data.transforms import to_model_input
-from toolkit.engine.validate import embed_split, gather_to_main
-from toolkit.inference import EMBEDDER_FILE, HEAD_FILE, check_classes, knn_predict, load_embedder, open_run, recorded_shards
+from toolkit.errors import ConfigError
+from toolkit.evaluation import embed_split, gather_to_main
+from toolkit.knn import knn_vote
+from toolkit.files import atomic_torch_save
 from toolkit.models import build_head
-from toolkit.tracking import progress
+from toolkit.progress import progress
 
 
 def check_run_dir(run_dir: str | Path, *, overwrite: bool) -> None:
@@ -48,26 +50,6 @@ def check_run_dir(run_dir: str | Path, *, overwrite: bool) -> None:
         raise ConfigError(f"run_dir {run_dir} holds an embedding run ({EMBEDDER_FILE}): give the classifier its own folder")
     if (Path(run_dir) / HEAD_FILE).exists() and not overwrite:
         raise ConfigError(f"{run_dir} already holds {HEAD_FILE}: pass overwrite=true to start over")
-
-
-def head_payload(
-    head, *, cfg: ClassifyConfig, shards: str, embedder_path: Path, embedder: dict, preprocess: dict,
-    metrics: dict, epoch: int, step: int,
-) -> dict:
-    """What ``best_head.pt`` holds: enough to predict with the embedder it names."""
-    return {
-        "kind": "head",
-        "head": {k: v.detach().cpu() for k, v in head.state_dict().items()},
-        "config": {**asdict(cfg), "shards": shards},  # shards resolved (None = the embedder's)
-        "classes": list(embedder["classes"]),
-        "metrics": dict(metrics),
-        "epoch": int(epoch),
-        "step": int(step),
-        "embedder": str(Path(embedder_path).resolve()),
-        "embedder_step": int(embedder.get("step", 0)),
-        "embedding_dim": int(embedder["config"]["embedding_dim"]),
-        "preprocess": dict(preprocess),  # so predict needs neither run folder nor shards
-    }
 
 
 def _train_batch_size(requested: int, *, num_samples: int, world: int, workers: int) -> int:
@@ -85,14 +67,14 @@ def fit_head(cfg: ClassifyConfig, accelerator, tracker) -> dict:
 
     # --- frozen embedder, data ---------------------------------------------------------------
     run = open_run(cfg.embedder)  # a run folder, best_embedder.pt, or a classifier run (its embedder)
-    embedder, payload = load_embedder(run, device)  # eval mode, requires_grad False
-    ecfg = payload["config"]
+    embedder, saved = load_embedder(run, device)  # eval mode, requires_grad False
+    ecfg = saved.config
     input_size = ecfg["input_size"]
-    shards = str(cfg.shards or recorded_shards(payload, run.embedder_path))
+    shards = str(cfg.shards or recorded_shards(ecfg, run.embedder_path))
     info = read_info(shards)
-    check_classes(info["classes"], payload["classes"], shards=shards)
-    classes = list(payload["classes"])
-    n_train = info["splits"]["train"]["num_samples"]
+    check_classes(info.classes, saved.classes, shards=shards)
+    classes = list(saved.classes)
+    n_train = info.split("train", folder=shards).num_samples
     batch_size = _train_batch_size(cfg.batch_size, num_samples=n_train, world=world, workers=cfg.num_workers)
     if batch_size < cfg.batch_size:
         accelerator.print(f"classify: {n_train} train images: batch_size {cfg.batch_size} -> {batch_size} per process")
@@ -121,9 +103,9 @@ def fit_head(cfg: ClassifyConfig, accelerator, tracker) -> dict:
     knn_acc = None
     if main:
         val_emb, val_y = val[1].to(device), val[2].to(device)
-        if "index" in payload:  # the embedding stage's own score on the same split, for comparison
-            ref = payload["index"]["embeddings"].float().to(device)  # (N_train, D)
-            pred, _ = knn_predict(ref, payload["index"]["labels"], val_emb, k=cfg.knn_k, num_classes=len(classes))
+        if saved.index is not None:  # the embedding stage's own score on the same split, for comparison
+            ref, ref_y = saved.reference()  # (N_train, D), (N_train,)
+            pred, _ = knn_vote(ref.to(device), ref_y, val_emb, k=cfg.knn_k)
             knn_acc = float((pred == val_y.cpu()).float().mean())
             tracker.log({"val/knn_accuracy": knn_acc, "epoch": 0}, step=0)
 
@@ -145,11 +127,11 @@ def fit_head(cfg: ClassifyConfig, accelerator, tracker) -> dict:
             improved = (metrics["val/accuracy"], -metrics["val/loss"]) > (best["val/accuracy"], -best["val/loss"])
             if improved:
                 best.update({k: metrics[k] for k in ("val/accuracy", "val/loss", "epoch")})
-                atomic_torch_save(
-                    head_payload(bare, cfg=cfg, shards=shards, embedder_path=run.embedder_path, embedder=payload,
-                                 preprocess=info["preprocess"], metrics=metrics, epoch=epoch, step=step),
-                    run_dir / HEAD_FILE,
+                artifact = HeadArtifact.from_model(
+                    bare, config={**asdict(cfg), "shards": shards}, embedder_path=run.embedder_path, embedder=saved,
+                    preprocess=info.preprocess, metrics=metrics, epoch=epoch, step=step,
                 )
+                atomic_torch_save(artifact.to_payload(), run_dir / HEAD_FILE)
             metrics["val/best_accuracy"] = best["val/accuracy"]
             tracker.log(metrics, step=step)
             accelerator.print(

@@ -1,4 +1,8 @@
-"""The embedding training loop. Receives an Accelerator; never creates one.
+"""The embedding training loop, a recipe: setup -> resume -> train (validate, save) -> summary.
+
+Receives an Accelerator; never creates one. What a checkpoint restores is a
+:class:`TrainState`; when to stop is one :class:`Budget`; :func:`resume`,
+:func:`save_checkpoint` and :func:`validate` take everything they touch as arguments.
 
 One step, on every rank::
 
@@ -11,38 +15,24 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from toolkit.checkpoint import CheckpointManager, atomic_torch_save, capture_rng, restore_rng
-from toolkit.config import ConfigError, EmbedConfig
-from toolkit.data.shards import read_info
+from toolkit.artifacts import CHECKPOINTS_DIR, EMBEDDER_FILE, EmbedderArtifact
+from toolkit.checkpoint import CheckpointManager, capture_rng, restore_rng
+from toolkit.files import atomic_torch_save
+from toolkit.config import EmbedConfig
+from toolkit.errors import ConfigError, NonFiniteLossError
+from toolkit.data.shards import ShardInfo, read_info
+from toolkit.distributed import all_gather_object, any_rank
 from toolkit.data.stream import ShardStream, make_loader
 from toolkit.data.transforms import random_affine, to_model_input
-from toolkit.engine.validate import embed_split, evaluate_embeddings, gather_to_main, warn_missing
+from toolkit.evaluation import embed_split, evaluate_embeddings, gather_to_main, warn_missing
 from toolkit.losses import distributed_triplet_loss
 from toolkit.models import build_embedder
-from toolkit.tracking import progress
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; the weights were not updated with it."""
-
-
-def resolve_precision(precision: str, *, cpu: bool) -> str:
-    """Map the config's precision to Accelerate's ``mixed_precision``.
-
-    ``auto``: bf16 on GPUs that support it, fp16 (with a grad scaler) on older GPUs, and fp32
-    on CPU -- CPU bf16 autocast was measured 5-8× *slower* on CPUs without bf16 units.
-    """
-    if precision == "auto":
-        if cpu or not torch.cuda.is_available():
-            return "no"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+from toolkit.progress import progress
 
 
 def build_scheduler(optimizer, *, schedule: str, warmup_steps: int, total_steps: int):
@@ -57,30 +47,6 @@ def build_scheduler(optimizer, *, schedule: str, warmup_steps: int, total_steps:
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _agree(flag: bool, device) -> bool:
-    """True on every rank if ``flag`` is True on any rank (one tiny all-reduce)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
-def embedder_payload(model, cfg: EmbedConfig, classes, metrics: dict, step: int, index=None) -> dict:
-    """What a saved embedder holds: enough to evaluate and predict without the run."""
-    payload = {
-        "kind": "embedder",
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "config": asdict(cfg),
-        "classes": list(classes),
-        "metrics": dict(metrics),
-        "step": int(step),
-    }
-    if index is not None:  # train embeddings + labels: kNN prediction without re-embedding
-        payload["index"] = {"embeddings": index[0].half(), "labels": index[1].to(torch.int32)}
-    return payload
 
 
 def train_step(
@@ -149,32 +115,140 @@ def check_run_dir(cfg: EmbedConfig) -> None:
     """
     if cfg.resume and cfg.overwrite:
         raise ConfigError("resume=true continues the run in run_dir, overwrite=true starts over there: pass one of them")
-    if not cfg.resume and not cfg.overwrite and any((Path(cfg.run_dir) / "checkpoints").glob("step-*.pt")):
+    if not cfg.resume and not cfg.overwrite and CheckpointManager(Path(cfg.run_dir) / CHECKPOINTS_DIR).step_files():
         raise ConfigError(refuse_existing_message(cfg.run_dir))
 
 
+@dataclass
+class TrainState:
+    """Where a run is, besides weights and optimiser: what a checkpoint restores."""
+
+    step: int = 0  # optimiser steps taken
+    epoch: int = 0  # full epochs done
+    epoch_step: int = 0  # batches of the current epoch consumed (a mid-epoch resume replays up to here)
+    best: float = -1.0  # best val kNN accuracy so far
+    best_map: float = -1.0  # its MAP@R (breaks accuracy ties)
+    saved_step: int = -1  # step of the last checkpoint written (each step is saved at most once)
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "saved_step"}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.epoch, self.epoch_step = int(state["step"]), int(state["epoch"]), int(state["epoch_step"])
+        self.best, self.best_map = float(state["best"]), float(state.get("best_map", -1.0))
+        self.saved_step = self.step
+
+
+@dataclass
+class Budget:
+    """When to stop: whichever of steps, epochs and wall-clock minutes runs out first."""
+
+    total_steps: int
+    epochs: int = 0  # 0: no epoch limit
+    deadline: float | None = None  # time.time() to stop at
+
+    @classmethod
+    def from_config(cls, cfg: EmbedConfig, steps_per_epoch: int) -> "Budget":
+        total = cfg.max_steps or cfg.epochs * steps_per_epoch
+        if cfg.epochs and cfg.max_steps:
+            total = min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+        return cls(total, cfg.epochs, time.time() + 60 * cfg.max_minutes if cfg.max_minutes else None)
+
+    def spent(self, state: TrainState, device) -> bool:
+        """The one stopping test. A collective when there is a deadline (ranks' clocks differ):
+        every rank calls it at the same points, and all get the same answer."""
+        out_of_time = self.deadline is not None and any_rank(time.time() > self.deadline, device)
+        return state.step >= self.total_steps or bool(self.epochs and state.epoch >= self.epochs) or out_of_time
+
+
+def resume(ckpts: CheckpointManager, state: TrainState, *, model, optimizer, scheduler, scaler, rank: int) -> bool:
+    """Load the newest loadable checkpoint into the objects and ``state``; False when there is none."""
+    saved = ckpts.load_latest()
+    if saved is None:
+        return False
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if scaler is not None and saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
+    state.load_state_dict(saved)
+    restore_rng(saved["rng"][rank] if rank < len(saved["rng"]) else saved["rng"][0])
+    return True
+
+
+def save_checkpoint(ckpts: CheckpointManager, state: TrainState, *, model, optimizer, scheduler, accelerator,
+                    config: dict) -> None:
+    """A complete checkpoint of ``state.step`` (rank 0 writes; every rank's RNG goes in). A collective."""
+    if state.saved_step == state.step:
+        return  # this step is on disk already
+    rngs = all_gather_object(capture_rng())  # every rank's RNG, so each resumes its own streams
+    if accelerator.is_main_process:
+        ckpts.save(
+            {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                "rng": rngs, **state.state_dict(), "config": config,
+            },
+            state.step,
+        )
+    state.saved_step = state.step
+    accelerator.wait_for_everyone()
+
+
+def validate(model, state: TrainState, *, cfg: EmbedConfig, info: ShardInfo, accelerator, tracker) -> dict:
+    """Every rank embeds its share of train and val; rank 0 scores kNN, keeps the best embedder, logs.
+
+    Returns the metrics on rank 0 (``{}`` elsewhere); ``state.best`` moves when val improves.
+    """
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    parts = {}
+    for split in ("train", "val"):
+        local = embed_split(
+            model, shards=cfg.shards, split=split, rank=rank, world_size=world, device=accelerator.device,
+            input_size=cfg.input_size, batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers,
+            autocast=accelerator.autocast, channels_last=cfg.channels_last,
+        )
+        parts[split] = gather_to_main(*local)  # rank 0: (keys, (N, D), (N,)); others: None
+        if main:
+            warn_missing(parts[split], expected=info.splits[split].num_samples, split=split, print_fn=accelerator.print)
+    metrics: dict = {}
+    if main:
+        metrics = {f"val/{k}": v for k, v in evaluate_embeddings(parts["train"], parts["val"], k=cfg.knn_k).items()}
+        metrics["epoch"] = state.epoch
+        # kNN accuracy first; MAP@R breaks ties (accuracy often saturates on easy data).
+        improved = (metrics["val/knn_accuracy"], metrics["val/map_at_r"]) > (state.best, state.best_map)
+        if improved:
+            state.best, state.best_map = metrics["val/knn_accuracy"], metrics["val/map_at_r"]
+            index = (parts["train"][1], parts["train"][2])
+            saved = EmbedderArtifact.from_model(model, config=asdict(cfg), classes=info.classes, metrics=metrics,
+                                                step=state.step, index=index)
+            atomic_torch_save(saved.to_payload(), Path(cfg.run_dir) / EMBEDDER_FILE)
+        metrics["val/best_knn_accuracy"] = state.best
+        tracker.log(metrics, step=state.step)
+        accelerator.print(
+            f"step {state.step} epoch {state.epoch}: kNN@{cfg.knn_k} val acc {metrics['val/knn_accuracy']:.4f} "
+            f"(best {state.best:.4f}{', saved' if improved else ''}), P@1 {metrics['val/precision_at_1']:.4f}, "
+            f"MAP@R {metrics['val/map_at_r']:.4f}"
+        )
+    accelerator.wait_for_everyone()
+    return metrics
+
+
 def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
-    """Train an embedder per ``cfg``. Returns the final summary (best kNN accuracy, steps...)."""
-    device = accelerator.device
-    rank, world = accelerator.process_index, accelerator.num_processes
-    main = accelerator.is_main_process
+    """Train an embedder per ``cfg``: setup -> resume -> train (validate, save) -> summary."""
+    device, world, main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
     run_dir = Path(cfg.run_dir)
     info = read_info(cfg.shards)
-    classes = info["classes"]
-    in_channels = 1 if info["preprocess"].get("grayscale", True) else 3
+    in_channels = 1 if info.grayscale else 3
 
-    # --- data --------------------------------------------------------------------------
+    # --- setup: data, model, optimiser ------------------------------------------------------
     stream = ShardStream(
-        cfg.shards, split="train", mode="train", rank=rank, world_size=world, batch_size=cfg.batch_size,
-        P=cfg.P, K=cfg.K, batching=cfg.batching, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
-        strict=cfg.strict_data,  # unreadable samples / truncated shards: skip with a warning, or stop
+        cfg.shards, split="train", mode="train", rank=accelerator.process_index, world_size=world,
+        batch_size=cfg.batch_size, P=cfg.P, K=cfg.K, batching=cfg.batching, shuffle_buffer=cfg.shuffle_buffer,
+        seed=cfg.seed, strict=cfg.strict_data,  # unreadable samples / truncated shards: skip with a warning, or stop
     )
     steps_per_epoch = stream.steps_per_epoch()
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    if cfg.epochs and cfg.max_steps:
-        total_steps = min(cfg.max_steps, cfg.epochs * steps_per_epoch)
-
-    # --- model, optimiser ----------------------------------------------------------------
+    budget = Budget.from_config(cfg, steps_per_epoch)
     model = build_embedder(arch=cfg.arch, in_channels=in_channels, input_size=cfg.input_size, embedding_dim=cfg.embedding_dim)
     if cfg.sync_bn and device.type == "cpu":
         raise ConfigError("sync_bn=true needs GPUs: torch's SyncBatchNorm does not run on CPU")
@@ -183,93 +257,37 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, total_steps=total_steps)
+    scheduler = build_scheduler(optimizer, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, total_steps=budget.total_steps)
     # The loader is NOT prepared: it is split by rank already (see toolkit.data.stream.make_loader).
     model, optimizer = accelerator.prepare(model, optimizer)
     bare = accelerator.unwrap_model(model)
 
-    # --- resume --------------------------------------------------------------------------
-    ckpts = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.keep_last)
-    step, epoch, epoch_step, best, best_map = 0, 0, 0, -1.0, -1.0
-    state = ckpts.load_latest() if cfg.resume else None
-    if state is not None:
-        bare.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if accelerator.scaler is not None and state.get("scaler"):
-            accelerator.scaler.load_state_dict(state["scaler"])
-        step, epoch, epoch_step = state["step"], state["epoch"], state["epoch_step"]
-        best, best_map = state["best"], state.get("best_map", -1.0)
-        restore_rng(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-        accelerator.print(f"resumed from step {step} (epoch {epoch}, batch {epoch_step}) in {run_dir}")
+    # --- resume, or refuse to start over an earlier run -------------------------------------
+    ckpts = CheckpointManager(run_dir / CHECKPOINTS_DIR, keep_last=cfg.keep_last)
+    state = TrainState()
+    if cfg.resume and resume(ckpts, state, model=bare, optimizer=optimizer, scheduler=scheduler,
+                             scaler=accelerator.scaler, rank=accelerator.process_index):
+        accelerator.print(f"resumed from step {state.step} (epoch {state.epoch}, batch {state.epoch_step}) in {run_dir}")
     elif cfg.resume:
-        accelerator.print(f"--resume: no checkpoint in {run_dir / 'checkpoints'}, starting fresh")
-    elif _agree(main and not cfg.overwrite and ckpts.latest() is not None, device):
+        accelerator.print(f"--resume: no checkpoint in {run_dir / CHECKPOINTS_DIR}, starting fresh")
+    elif any_rank(main and not cfg.overwrite and ckpts.latest() is not None, device):
         # Decided on rank 0 (the one that writes) and agreed, so every rank stops cleanly.
         raise ConfigError(refuse_existing_message(run_dir))
 
-    def save_state() -> None:
-        rngs = [None] * world
-        if world > 1:
-            dist.all_gather_object(rngs, capture_rng())
-        else:
-            rngs = [capture_rng()]
-        if main:
-            ckpts.save(
-                {
-                    "model": bare.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                    "rng": rngs, "step": step, "epoch": epoch, "epoch_step": epoch_step, "best": best, "best_map": best_map,
-                    "config": asdict(cfg),
-                },
-                step,
-            )
-        accelerator.wait_for_everyone()
+    def save() -> None:
+        save_checkpoint(ckpts, state, model=bare, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator,
+                        config=asdict(cfg))
 
-    def validate() -> dict:
-        nonlocal best, best_map
-        parts = {}
-        for split in ("train", "val"):
-            local = embed_split(
-                bare, shards=cfg.shards, split=split, rank=rank, world_size=world, device=device,
-                input_size=cfg.input_size, batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers,
-                autocast=accelerator.autocast, channels_last=cfg.channels_last,
-            )
-            parts[split] = gather_to_main(*local)
-            if main:
-                warn_missing(parts[split], expected=info["splits"][split]["num_samples"], split=split, print_fn=accelerator.print)
-        metrics = {}
-        if main:
-            metrics = {f"val/{k}": v for k, v in evaluate_embeddings(parts["train"], parts["val"], k=cfg.knn_k).items()}
-            metrics["epoch"] = epoch
-            # kNN accuracy first; MAP@R breaks ties (accuracy often saturates on easy data).
-            improved = (metrics["val/knn_accuracy"], metrics["val/map_at_r"]) > (best, best_map)
-            if improved:
-                best, best_map = metrics["val/knn_accuracy"], metrics["val/map_at_r"]
-                index = (parts["train"][1], parts["train"][2])
-                atomic_torch_save(embedder_payload(bare, cfg, classes, metrics, step, index), run_dir / "best_embedder.pt")
-            metrics["val/best_knn_accuracy"] = best
-            tracker.log(metrics, step=step)
-            accelerator.print(
-                f"step {step} epoch {epoch}: kNN@{cfg.knn_k} val acc {metrics['val/knn_accuracy']:.4f} "
-                f"(best {best:.4f}{', saved' if improved else ''}), P@1 {metrics['val/precision_at_1']:.4f}, "
-                f"MAP@R {metrics['val/map_at_r']:.4f}"
-            )
-        accelerator.wait_for_everyone()
-        return metrics
-
-    # --- train ---------------------------------------------------------------------------
-    start, deadline = time.time(), (time.time() + 60 * cfg.max_minutes if cfg.max_minutes else None)
-    bar = progress(total=total_steps, initial=step, desc="embed", enabled=main and cfg.progress, unit="step")
+    # --- train: epochs of exactly steps_per_epoch batches on every rank -----------------------
+    start = time.time()
+    bar = progress(total=budget.total_steps, initial=state.step, desc="embed", enabled=main and cfg.progress, unit="step")
     images_seen, t_log, skipped_steps = 0, time.time(), 0
     skipped_data: dict[str, int] = {}  # samples skipped by the training stream, whole run (summary.json)
-    stop = step >= total_steps
+    stop = budget.spent(state, device)
     model.train()
     while not stop:
-        loader = make_loader(stream, num_workers=cfg.num_workers, epoch=epoch)
-        for i, (_, images, labels) in enumerate(loader):
-            if i < epoch_step:
+        for i, (_, images, labels) in enumerate(make_loader(stream, num_workers=cfg.num_workers, epoch=state.epoch)):
+            if i < state.epoch_step:
                 continue  # resuming mid-epoch: replay the data order up to the saved batch
             try:
                 stats = train_step(
@@ -279,47 +297,46 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
                 )
             except NonFiniteLossError as exc:
                 raise NonFiniteLossError(
-                    f"{exc} at step {step + 1}; last good checkpoint: {ckpts.latest() or 'none yet'} "
+                    f"{exc} at step {state.step + 1}; last good checkpoint: {ckpts.latest() or 'none yet'} "
                     "(on_nonfinite=skip skips such steps instead)"
                 ) from None
+            state.epoch_step += 1  # the batch is consumed, whether or not it updated the weights
             if stats is None:  # non-finite loss, on_nonfinite=skip: nothing was updated
-                skipped_steps, epoch_step = skipped_steps + 1, epoch_step + 1  # the batch is consumed
-                accelerator.print(f"warning: non-finite loss at step {step + 1}, step skipped ({skipped_steps} so far)")
+                skipped_steps += 1
+                accelerator.print(f"warning: non-finite loss at step {state.step + 1}, step skipped ({skipped_steps} so far)")
                 continue
-            step, epoch_step = step + 1, epoch_step + 1
+            state.step += 1
             images_seen += images.shape[0] * world
             bar.update(1)
-            if step % cfg.log_every == 0:
+            if state.step % cfg.log_every == 0:
                 dt = max(1e-9, time.time() - t_log)
                 logs = {
                     "train/loss": float(stats["loss"]), "train/active_fraction": float(stats["active_fraction"]),
-                    "train/lr": scheduler.get_last_lr()[0], "train/images_per_s": images_seen / dt, "epoch": epoch,
+                    "train/lr": scheduler.get_last_lr()[0], "train/images_per_s": images_seen / dt, "epoch": state.epoch,
                 }
-                tracker.log(logs, step=step)
+                tracker.log(logs, step=state.step)
                 bar.set_postfix(loss=f"{logs['train/loss']:.4f}", active=f"{logs['train/active_fraction']:.2f}")
                 images_seen, t_log = 0, time.time()
-            if cfg.ckpt_every and step % cfg.ckpt_every == 0:
-                save_state()
-            out_of_time = deadline is not None and _agree(time.time() > deadline, device)
-            if step >= total_steps or out_of_time:
-                stop = True
+            if cfg.ckpt_every and state.step % cfg.ckpt_every == 0:
+                save()
+            if budget.spent(state, device):
                 break
-        report_skips(epoch, step, total_skips(stream, accelerator), skipped_data, accelerator=accelerator, tracker=tracker)
-        if epoch_step >= steps_per_epoch:  # a full epoch finished
-            epoch, epoch_step = epoch + 1, 0
-            if epoch % cfg.val_every == 0 or stop:
-                validate()
-                if not cfg.ckpt_every:
-                    save_state()
-        if cfg.epochs and epoch >= cfg.epochs:
-            stop = True
+        report_skips(state.epoch, state.step, total_skips(stream, accelerator), skipped_data, accelerator=accelerator, tracker=tracker)
+        epoch_done = state.epoch_step >= steps_per_epoch
+        if epoch_done:
+            state.epoch, state.epoch_step = state.epoch + 1, 0
+        stop = budget.spent(state, device)
+        # Validate every val_every epochs and whenever the run stops (mid-epoch too); without
+        # ckpt_every a checkpoint goes with each validation, and the last step is always saved.
+        if stop or (epoch_done and state.epoch % cfg.val_every == 0):
+            validate(bare, state, cfg=cfg, info=info, accelerator=accelerator, tracker=tracker)
+            if stop or not cfg.ckpt_every:
+                save()
     bar.close()
-    if epoch_step:  # stopped mid-epoch (step or time budget): validate what we have
-        validate()
-    save_state()
+    save()  # a run that had nothing left to do (resumed at its end) still leaves its checkpoint
     summary = {
-        "best_knn_accuracy": best, "steps": step, "epochs": epoch, "minutes": (time.time() - start) / 60,
-        "skipped_samples": skipped_data,
+        "best_knn_accuracy": state.best, "steps": state.step, "epochs": state.epoch,
+        "minutes": (time.time() - start) / 60, "skipped_samples": skipped_data,
     }
     if main:
         tracker.summary(summary)

@@ -11,12 +11,11 @@ import json
 import os
 import re
 import signal
+import sys
 from pathlib import Path
 
-from toolkit.config import ConfigError
-from toolkit.data.folder import DataError
-
-
+from toolkit.artifacts import CHECKPOINTS_DIR, LATEST_FILE
+from toolkit.errors import ConfigError, DataError, NonFiniteLossError
 
 
 class Terminated(Exception):
@@ -44,7 +43,9 @@ def sigterm_raises(main_pid: int):
 
 
 # What gloo/NCCL errors say when a peer died or hangs; torch raises most as DistError already.
-_LOST_PEER_HINTS = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out", "gloo", "nccl")
+_LOST_PEER_HINTS = (
+    "connection closed by peer", "connection reset by peer", "broken pipe", "timed out", "timeout", "pair closure", "gloo", "nccl",
+)
 
 
 def lost_peer(exc: BaseException, world: int) -> bool:
@@ -73,7 +74,7 @@ def one_line(exc: BaseException) -> str:
 def last_checkpoint(run_dir: Path) -> str:
     # The pointer only (cheap: this runs in a dying process); resume checks the file itself.
     try:
-        return f"step {json.loads((run_dir / 'checkpoints' / 'latest.json').read_text())['step']}"
+        return f"step {json.loads((run_dir / CHECKPOINTS_DIR / LATEST_FILE).read_text())['step']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "none yet"
 
@@ -86,8 +87,6 @@ def main_thread() -> bool:
 
 def failure_line(exc: BaseException, *, rank: int, world: int, run_dir: Path) -> tuple[int, str] | None:
     """(exit status, the one line to print) for a failure during training; None: not ours, re-raise."""
-    from toolkit.engine.embed import NonFiniteLossError
-
     resume = f"last complete checkpoint: {last_checkpoint(run_dir)}; resume with resume=true"
     if isinstance(exc, (ConfigError, DataError)):
         return 2, f"error: {one_line(exc)}"
@@ -101,3 +100,44 @@ def failure_line(exc: BaseException, *, rank: int, world: int, run_dir: Path) ->
     if lost_peer(exc, world):
         return 1, f"error: rank {rank}: lost contact with another process during training ({one_line(exc)}); {resume}"
     return None
+
+
+class FailureReport:
+    """The failure handling of a launch script, as one ``with`` block around training.
+
+    Inside the block SIGTERM raises :class:`Terminated` (so the tracker closes and the run
+    says why). A failure :func:`failure_line` knows is printed as its one line on stderr and
+    swallowed; ``exit_code`` then holds the status to exit with (None: the block succeeded).
+    Anything else propagates unchanged, with its traceback::
+
+        with FailureReport(rank=r, world=w, run_dir=run_dir) as failed:
+            ...train...
+        if failed.exit_code is not None:
+            return failed.exit_code
+    """
+
+    def __init__(self, *, rank: int, world: int, run_dir: Path):
+        self.rank, self.world, self.run_dir = rank, world, Path(run_dir)
+        self.exit_code: int | None = None
+        self._old_sigterm = None
+
+    def __enter__(self) -> "FailureReport":
+        if main_thread():  # signal.signal works only there
+            self._old_sigterm = signal.signal(signal.SIGTERM, sigterm_raises(os.getpid()))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc is None or not isinstance(exc, Exception):
+                return False  # success, or KeyboardInterrupt/SystemExit: not ours to report
+            if self._old_sigterm is not None:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # already stopping: a late SIGTERM must not garble the report
+            failure = failure_line(exc, rank=self.rank, world=self.world, run_dir=self.run_dir)
+            if failure is None:
+                return False
+            self.exit_code, line = failure
+            print(line, file=sys.stderr, flush=True)
+            return True
+        finally:
+            if self._old_sigterm is not None:
+                signal.signal(signal.SIGTERM, self._old_sigterm)
