@@ -120,3 +120,21 @@ def test_paths_on_the_command_line_stay_strings(tmp_path, monkeypatch, capsys):
     r = run("shard", "2024", "2024-out", "--workers", 1, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "2024-out" / "_info.json").is_file()
+
+
+def test_bool_flags_never_swallow_the_next_argument_and_positionals_are_given_once(tmp_path, monkeypatch, capsys):
+    """fire reads `--json a.png b.png` as json='a.png': every image must still be answered."""
+    import toolkit.inference
+    from toolkit.cli import main
+
+    seen = {}
+    monkeypatch.setattr(toolkit.inference, "predict", lambda run, images, **kw: seen.update(run=run, images=images) or
+                        [{"path": p, "label": "x", "confidence": 1.0} for p in images])
+    main(["predict", "run", "--json", "a.png", "b.png"])
+    assert seen == {"run": "run", "images": ["a.png", "b.png"]} and '"path": "a.png"' in capsys.readouterr().out
+    main(["predict", "run", "--json=false", "c.png"])
+    assert seen["images"] == ["c.png"] and capsys.readouterr().out.startswith("c.png\tx\t")
+    for argv, message in ((["evaluate", "a", "--run", "b"], "RUN given twice"), (["predict", "r", "--json=maybe"], "takes true or false")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err

@@ -302,3 +302,61 @@ def test_short_run_on_gpu_with_auto_precision(tmp_path, shards):
     best = safe_load(run_dir / "best_embedder.pt")
     assert best["metrics"]["val/knn_accuracy"] >= 0.9
     assert all(torch.isfinite(v).all() for v in best["model"].values() if v.is_floating_point())
+
+
+def test_the_last_checkpoint_holds_the_final_validation(tmp_path):
+    """max_steps on a ckpt_every step, mid-epoch: that step is saved in the loop, then the stop
+    validates. The checkpoint must carry the best found then, or a resume would let a worse
+    model replace best_embedder.pt."""
+    import json
+
+    from classify_helpers import make_separable_folder, run_launch, shard
+    from toolkit.checkpoint import CheckpointManager
+
+    shards = shard(make_separable_folder(tmp_path / "img", per_class=12), tmp_path / "shards")
+    run_dir = tmp_path / "run"
+    rc, out = run_launch("embed", [
+        f"shards={shards}", f"run_dir={run_dir}", "input_size=16", "batch_size=8", "K=2", "max_steps=4", "epochs=0",
+        "ckpt_every=2", "val_every=100", "num_workers=0", "tracker=none", "progress=false",
+    ])
+    assert rc == 0, out
+    best = json.loads((run_dir / "summary.json").read_text())["best_knn_accuracy"]
+    state = CheckpointManager(run_dir / "checkpoints").load_latest()
+    assert state["step"] == 4 and best >= 0 and state["best"] == best
+
+
+def test_a_time_budget_alone_trains_until_the_deadline(tmp_path):
+    """epochs=0 max_steps=0 max_minutes=M is a valid budget: it must train (and validate), not stop at step 0."""
+    import json
+
+    from classify_helpers import make_separable_folder, run_launch, shard
+
+    shards = shard(make_separable_folder(tmp_path / "img", per_class=12), tmp_path / "shards")
+    rc, out = run_launch("embed", [
+        f"shards={shards}", f"run_dir={tmp_path / 'run'}", "input_size=16", "batch_size=8", "K=2", "max_steps=0", "epochs=0",
+        "max_minutes=0.05", "num_workers=0", "tracker=none", "progress=false",
+    ])
+    assert rc == 0, out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] > 0 and summary["best_knn_accuracy"] >= 0
+    assert (tmp_path / "run" / "best_embedder.pt").is_file()
+
+
+def test_a_folder_with_an_earlier_runs_files_is_refused_without_resume_or_overwrite(tmp_path, capsys):
+    """A run killed before its first checkpoint left metrics.jsonl: starting again there would append to it."""
+    from classify_helpers import make_embedder_file, make_separable_folder, run_launch, shard
+
+    shards = shard(make_separable_folder(tmp_path / "img", per_class=8), tmp_path / "shards")
+    for stage, files in (("embed", ["metrics.jsonl"]), ("classify", ["summary.json", "metrics.jsonl"])):
+        run_dir = tmp_path / f"{stage}-run"
+        run_dir.mkdir()
+        for name in files:
+            (run_dir / name).write_text("{}\n")
+        if stage == "embed":
+            args = [f"shards={shards}", "input_size=16"]
+        else:
+            args = [f"embedder={make_embedder_file(shards, tmp_path / 'emb', train_steps=1)}"]
+        rc, _ = run_launch(stage, [*args, f"run_dir={run_dir}", "tracker=none", "progress=false"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "already holds a run (" in err and files[-1] in err, err
+        assert sorted(p.name for p in run_dir.iterdir()) == sorted(files), "nothing written"

@@ -29,6 +29,7 @@ from toolkit.rundir import (
     RUN_OUTPUTS,
     RunFolderBusy,
     acquire_lock,
+    STALE_AFTER_S,
     lock_is_stale,
     move_previous_run,
     process_start_time,
@@ -132,6 +133,27 @@ def test_lock_from_another_host_is_refused_and_says_how_to_remove_it(tmp_path):
     assert msg.startswith(f"run folder {run_dir} is in use by pid 4242 on host gpu-node-7 since 2026-12-01T15:30:00Z: ")
     assert f"delete {run_dir / LOCK_NAME}" in msg and "\n" not in msg
     assert read_lock(run_dir) == other
+    # ... until its holder has not refreshed it for STALE_AFTER_S: a job killed on another
+    # machine (or in a container with a new host name) must not block a requeued resume forever
+    old = time.time() - STALE_AFTER_S - 60
+    os.utime(run_dir / LOCK_NAME, (old, old))
+    with acquire_lock(run_dir) as lock:
+        assert lock.took_over == other and read_lock(run_dir)["pid"] == os.getpid()
+
+
+def test_a_held_lock_is_refreshed_while_its_job_runs(tmp_path):
+    from toolkit.rundir import RunLock, lock_age_s
+
+    run_dir = tmp_path / "run"
+    with acquire_lock(run_dir) as first:
+        old = time.time() - 3600
+        os.utime(first.path, (old, old))
+        beating = RunLock(first.path, first.info, heartbeat_s=0.05)  # the same lock, a fast heartbeat
+        deadline = time.time() + 10
+        while lock_age_s(first.path) > 60 and time.time() < deadline:
+            time.sleep(0.05)
+        beating._stop.set()
+        assert lock_age_s(first.path) < 60, "the heartbeat keeps the lock fresh"
 
 
 def test_move_previous_run_moves_only_what_the_toolkit_writes(tmp_path):

@@ -134,6 +134,7 @@ def test_agent_command_runs_offline_on_two_cpu_processes(tmp_path):
         (["python", "-c", "import os; os.system('touch {marker}')", "${args}"], "expected the launch script"),
         (["accelerate", "launch", "launch/embed.py", "&&", "touch", "{marker}", "${args}"], "only --config FILE"),
         (["${env}", "${interpreter}", "${program}", "${args}"], "program must be one of"),
+        (["accelerate", "launch", "launch/embed.py", "--shards=pipe:touch {marker} #{}", "${args}"], "must be a local folder"),
     ],
 )
 def test_a_sweep_command_can_only_run_the_launch_scripts(tmp_path, command, why):

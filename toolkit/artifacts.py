@@ -24,7 +24,7 @@ used only when it is a plain local path (:func:`recorded_shards`).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
@@ -56,11 +56,24 @@ RUN_OUTPUTS = (
     REPORT_MD, PLOTS_DIR, WANDB_DIR, WANDB_DATA_DIR, LOCK_FILE,
 )
 
+
+
+def run_outputs_in(run_dir: str | Path) -> list[str]:
+    """The toolkit files of an earlier run found in ``run_dir`` (the lock aside)."""
+    run_dir = Path(run_dir)
+    return [name for name in RUN_OUTPUTS if name != LOCK_FILE and (run_dir / name).exists()]
+
+
 MAX_IMAGE_SIZE = 4096  # a recorded resize target beyond this is not one `toolkit shard` wrote
 
 
 def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def _shallow(artifact) -> dict:
+    # Not dataclasses.asdict: that deep-copies every tensor of the state dict and the index.
+    return {f.name: getattr(artifact, f.name) for f in fields(artifact)}
 
 
 def _require(payload: dict, source, expected: dict[str, type]) -> None:
@@ -94,7 +107,7 @@ class EmbedderArtifact:
         return cls(_cpu_state(model), dict(config), list(classes), dict(metrics), int(step), saved)
 
     def to_payload(self) -> dict:
-        payload = {"kind": self.KIND, **asdict(self)}
+        payload = {"kind": self.KIND, **_shallow(self)}
         if self.index is None:
             del payload["index"]
         return payload
@@ -105,9 +118,10 @@ class EmbedderArtifact:
         if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
             raise DataError(f"{source}: not a toolkit model file (no config inside)")
         _require(payload, source, {"classes": list, "model": dict})
+        _require(payload["config"], f"{source} (config)", {"arch": str, "input_size": int, "embedding_dim": int})
         _check_classes_are_names(payload["classes"], source)
         index = payload.get("index")
-        if index is not None and not (isinstance(index, dict) and {"embeddings", "labels"} <= set(index)):
+        if index is not None and not (isinstance(index, dict) and all(isinstance(index.get(k), torch.Tensor) for k in ("embeddings", "labels"))):
             raise DataError(f"{source}: not a toolkit model file (bad reference index)")
         return cls(payload["model"], payload["config"], list(payload["classes"]), dict(payload.get("metrics") or {}),
                    int(payload.get("step", 0)), index)
@@ -145,13 +159,14 @@ class HeadArtifact:
         )
 
     def to_payload(self) -> dict:
-        return {"kind": self.KIND, **asdict(self)}
+        return {"kind": self.KIND, **_shallow(self)}
 
     @classmethod
     def from_payload(cls, payload: Any, source) -> "HeadArtifact":
         if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
             raise DataError(f"{source}: not a toolkit model file (no config inside)")
         _require(payload, source, {"classes": list, "head": dict, "embedder": str, "embedding_dim": int})
+        _require(payload["config"], f"{source} (config)", {"hidden": int, "dropout": float})
         _check_classes_are_names(payload["classes"], source)
         return cls(
             payload["head"], payload["config"], list(payload["classes"]), payload["embedder"], payload["embedding_dim"],

@@ -316,6 +316,16 @@ COMMANDS = {
 }
 
 
+def _flag_value(flag: str, value: str) -> bool:
+    """``--flag=VALUE`` of a bool option: true/false (1/0, yes/no, on/off), else a one-line error."""
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{flag} takes true or false, got {value!r}")
+
+
 def _prepare_argv(argv: list[str]) -> list[str]:
     """Check ``argv`` against the command's signature and return what fire should parse.
 
@@ -344,7 +354,13 @@ def _prepare_argv(argv: list[str]) -> list[str]:
     def literal(name: str | None, value: str) -> str:
         return repr(value) if name is not None and is_str.get(name) else value
 
-    out, n_positional, i, rest = [argv[0]], 0, 0, argv[1:]
+    out, filled, i, rest = [argv[0]], set(), 0, argv[1:]
+
+    def fill(name: str) -> None:
+        if name in filled:
+            raise ConfigError(f"toolkit {argv[0]}: {name.upper()} given twice")
+        filled.add(name)
+
     while i < len(rest):
         tok = rest[i]
         if tok in ("--", "-h", "--help"):
@@ -352,28 +368,36 @@ def _prepare_argv(argv: list[str]) -> list[str]:
         if tok.startswith("-"):
             flag, eq, value = tok.partition("=")
             body = flag.lstrip("-").replace("-", "_")
+            negated = tok.startswith("--") and body.startswith("no") and body[2:] in known
             if tok.startswith("--"):
-                name = body[2:] if body.startswith("no") and body[2:] in known else body
+                name = body[2:] if negated else body
             else:  # fire's short flag: the unique parameter starting with that letter
                 matches = [k for k in params if k.startswith(body)] if len(body) == 1 else []
                 name = matches[0] if len(matches) == 1 else None
             if name not in known:
                 raise ConfigError(f"toolkit {argv[0]}: unknown option {flag} (known: {options})")
             if name in positional:
-                n_positional += 1
-            if eq:
-                out.append(f"{flag}={literal(name, value)}")
-            elif takes_value(name) and not body.startswith("no") and i + 1 < len(rest):
-                out += [tok, literal(name, rest[i + 1])]  # `--flag value`
+                fill(name)
+            if not takes_value(name):
+                # A bare bool flag is written out: fire would take a following word as its value
+                # (`--json a.png b.png` would answer b.png only).
+                out.append(f"--{name}={_flag_value(flag, value) if eq else not negated}")
+            elif eq:
+                out.append(f"--{name}={literal(name, value)}")
+            elif i + 1 < len(rest):
+                out += [f"--{name}", literal(name, rest[i + 1])]  # `--flag value`
                 i += 1
             else:
                 out.append(tok)
         else:
-            n_positional += 1
-            if n_positional > len(positional) and varargs is None:
+            free = [p for p in positional if p not in filled]
+            if free:
+                fill(free[0])
+                out.append(literal(free[0], tok))
+            elif varargs is not None:
+                out.append(literal(varargs, tok))
+            else:
                 raise ConfigError(f"toolkit {argv[0]}: unexpected argument {tok!r} (takes {len(positional)}: {' '.join(p.upper() for p in positional)})")
-            name = positional[n_positional - 1] if n_positional <= len(positional) else varargs
-            out.append(literal(name, tok))
         i += 1
     return out
 

@@ -24,8 +24,8 @@ import os
 import shlex
 import socket
 import sys
+import threading
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -44,6 +44,7 @@ __all__ = [
     "acquire_lock",
     "busy_message",
     "claim_run_dir",
+    "lock_age_s",
     "lock_is_stale",
     "move_previous_run",
     "process_start_time",
@@ -147,26 +148,41 @@ def _read_settled(path: Path, wait_s: float = 1.0) -> dict | None:
         time.sleep(0.05)
 
 
-def lock_is_stale(held: dict) -> bool | None:
+# The holder refreshes its lock's mtime every HEARTBEAT_S; a lock from another host (or
+# container), whose process cannot be checked from here, is stale once it is older than
+# STALE_AFTER_S: its job died (killed, preempted) without removing it.
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 600.0
+
+
+def lock_is_stale(held: dict, *, age_s: float | None = None) -> bool | None:
     """Whether the job a lock names is gone: True (stale), False (running) or None (cannot be checked).
 
     Stale: same host and the pid is dead, or alive but another process than the one that
     wrote the lock (its start time differs). An unreadable lock is stale too: its writer died
     between creating and filling it. A lock from another host, or from another container
-    sharing this host name (another pid namespace), cannot be checked from here.
+    sharing this host name (another pid namespace), cannot be checked from here, unless its
+    holder stopped refreshing it: ``age_s`` (seconds since the lock file last changed) over
+    :data:`STALE_AFTER_S` makes it stale.
     """
     if not isinstance(held.get("pid"), int):
         return True
-    if held.get("host") != socket.gethostname():
-        return None
     theirs, ours = held.get("pid_namespace"), _pid_namespace()
-    if theirs is not None and ours is not None and theirs != ours:
-        return None
+    if held.get("host") != socket.gethostname() or (theirs is not None and ours is not None and theirs != ours):
+        return True if age_s is not None and age_s > STALE_AFTER_S else None
     pid = held["pid"]
     if not _pid_alive(pid):
         return True
     recorded, current = held.get("process_start"), process_start_time(pid)
     return recorded is not None and current is not None and recorded != current
+
+
+def lock_age_s(path: Path) -> float | None:
+    """Seconds since ``path`` last changed (None if it is gone)."""
+    try:
+        return max(0.0, time.time() - path.stat().st_mtime)
+    except FileNotFoundError:
+        return None
 
 
 def _holder(run_dir: Path, held: dict) -> str:
@@ -188,7 +204,8 @@ def busy_message(run_dir: str | os.PathLike, held: dict, *, checkable: bool) -> 
         return f"{_holder(run_dir, held)}: {_command(held)!r} is still running; wait for it, stop it, or use another run_dir"
     return (
         f"{_holder(run_dir, held)}: {_command(held)!r}; this process cannot check a job on another host (or in "
-        f"another container): if that job is no longer running, delete {run_dir / LOCK_NAME} and start again"
+        f"another container): its lock counts as stale {STALE_AFTER_S / 60:.0f} min after that job stops refreshing "
+        f"it; if that job is no longer running, delete {run_dir / LOCK_NAME} and start again"
     )
 
 
@@ -210,16 +227,29 @@ def _remove_if_unchanged(path: Path, held: dict) -> bool:
     return False
 
 
-@dataclass
 class RunLock:
-    """``run_dir/.lock`` held by this process; :meth:`release` (or leaving a ``with``) removes it."""
+    """``run_dir/.lock`` held by this process; :meth:`release` (or leaving a ``with``) removes it.
 
-    path: Path
-    info: dict
-    took_over: dict | None = None  # the stale lock this one replaced
+    While held, a daemon thread refreshes the file's mtime every :data:`HEARTBEAT_S`, so a
+    job on another machine can tell a live holder from a dead one.
+    """
+
+    def __init__(self, path: Path, info: dict, took_over: dict | None = None, *, heartbeat_s: float = HEARTBEAT_S):
+        self.path, self.info, self.took_over = path, info, took_over  # took_over: the stale lock this one replaced
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, args=(heartbeat_s,), name="run-lock-heartbeat", daemon=True)
+        self._beat.start()
+
+    def _heartbeat(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass  # moved or removed by hand: nothing to keep fresh
 
     def release(self) -> None:
-        """Remove the lock if it is still this process's (never another job's)."""
+        """Stop the heartbeat; remove the lock if it is still this process's (never another job's)."""
+        self._stop.set()
         if _read_json(self.path) == self.info:
             self.path.unlink(missing_ok=True)
 
@@ -260,7 +290,7 @@ def acquire_lock(run_dir: str | os.PathLike, *, command: str | None = None) -> R
         held = _read_settled(path)
         if held is None:  # released meanwhile
             continue
-        stale = lock_is_stale(held)
+        stale = lock_is_stale(held, age_s=lock_age_s(path))
         if not stale:
             raise RunFolderBusy(busy_message(run_dir, held, checkable=stale is False))
         if _remove_if_unchanged(path, held):
@@ -302,7 +332,7 @@ def move_previous_run(run_dir: str | os.PathLike, *, now: datetime | None = None
     """
     run_dir = Path(run_dir)
     names = [n for n in RUN_OUTPUTS if os.path.lexists(run_dir / n)]
-    if LOCK_NAME in names and lock_is_stale(read_lock(run_dir) or {}) is not True:
+    if LOCK_NAME in names and lock_is_stale(read_lock(run_dir) or {}, age_s=lock_age_s(run_dir / LOCK_NAME)) is not True:
         names.remove(LOCK_NAME)
     if not names:
         return None

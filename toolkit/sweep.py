@@ -76,11 +76,18 @@ def check_command(spec: dict, source) -> None:
         refuse(i, "a sweep command runs `accelerate launch` or `${interpreter}`")
     if i >= len(cmd) or not (cmd[i] in SCRIPTS or (cmd[i] == "${program}" and program is not None)):
         refuse(i, f"expected the launch script ({', '.join(sorted(SCRIPTS))} or ${{program}})")
+    script = program if cmd[i] == "${program}" else cmd[i]
+    locations = getattr(STAGES[Path(str(script)).stem][0], "LOCATIONS", ())
     for j in range(i + 1, len(cmd)):
         tok = cmd[j]
         if tok == "${args}" or (cmd[j - 1] == "--config" and not tok.startswith("${")):
             continue
-        if tok == "--config" or ("=" in tok and not tok.startswith("${")):
+        if tok == "--config":
+            continue
+        if "=" in tok and not tok.startswith("${"):
+            key, value = tok.lstrip("-").split("=", 1)
+            if key.replace("-", "_") in locations and not is_local_location(value):
+                refuse(j, "a shard location written into a sweep file must be a local folder (never a pipe: command or URL)")
             continue
         refuse(j, "after the script only --config FILE, key=value overrides and ${args} may follow")
 

@@ -187,7 +187,7 @@ class _DecoderPool:
     at an image: the run stops with one line instead of starting a process per image.
     """
 
-    MAX_FAILURES_BEFORE_ANY_ANSWER = 10
+    MAX_FAILURES_BEFORE_ANY_ANSWER = 50  # each bad image costs two (a try and a retry alone)
 
     def __init__(self, jobs: list, *, workers: int, timeout_s: float, encode: Callable, on_result: Callable[[int], Any]):
         self.jobs, self.workers, self.timeout_s = jobs, workers, timeout_s
@@ -263,6 +263,8 @@ class _DecoderPool:
     def _fail(self, w: _Worker, reason: str, *, retry: bool) -> None:
         """The image ``w`` was on failed: retry it alone once, or record it skipped."""
         position = int(w.progress[0])
+        if position > 0:
+            self.answers += 1  # images before the culprit were decoded: the environment works
         culprit, rest = w.todo[position], w.todo[:position] + w.todo[position + 1 :]
         if rest:
             self.queue.appendleft(rest)

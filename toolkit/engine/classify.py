@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from toolkit.artifacts import EMBEDDER_FILE, HEAD_FILE, HeadArtifact, check_classes, load_embedder, open_run, recorded_shards
+from toolkit.artifacts import (
+    EMBEDDER_FILE, HEAD_FILE, HeadArtifact, check_classes, load_embedder, open_run, recorded_shards, run_outputs_in,
+)
 from toolkit.config import ClassifyConfig
 from toolkit.data.shards import read_info
 from toolkit.data.stream import ShardStream, make_loader
@@ -48,8 +50,9 @@ def check_run_dir(run_dir: str | Path, *, overwrite: bool) -> None:
         # overwrite would move the embedding run's files aside; and a folder holding both
         # models would make `run` ambiguous for evaluate/predict
         raise ConfigError(f"run_dir {run_dir} holds an embedding run ({EMBEDDER_FILE}): give the classifier its own folder")
-    if (Path(run_dir) / HEAD_FILE).exists() and not overwrite:
-        raise ConfigError(f"{run_dir} already holds {HEAD_FILE}: pass overwrite=true to start over")
+    found = run_outputs_in(run_dir)
+    if found and not overwrite:
+        raise ConfigError(f"{run_dir} already holds a run ({', '.join(found)}): pass overwrite=true to start over")
 
 
 def _train_batch_size(requested: int, *, num_samples: int, world: int, workers: int) -> int:

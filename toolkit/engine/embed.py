@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from toolkit.artifacts import CHECKPOINTS_DIR, EMBEDDER_FILE, EmbedderArtifact
+from toolkit.artifacts import CHECKPOINTS_DIR, EMBEDDER_FILE, EmbedderArtifact, run_outputs_in
 from toolkit.checkpoint import CheckpointManager, capture_rng, restore_rng
 from toolkit.files import atomic_torch_save
 from toolkit.config import EmbedConfig
 from toolkit.errors import ConfigError, NonFiniteLossError
 from toolkit.data.shards import ShardInfo, read_info
-from toolkit.distributed import all_gather_object, any_rank
+from toolkit.distributed import all_gather_object, any_rank, from_main
 from toolkit.data.stream import ShardStream, make_loader
 from toolkit.data.transforms import random_affine, to_model_input
 from toolkit.evaluation import embed_split, evaluate_embeddings, gather_to_main, warn_missing
@@ -103,20 +103,22 @@ def report_skips(epoch: int, step: int, skips: dict[str, int], totals: dict[str,
     tracker.log({f"data/skipped_{kind}": n for kind, n in skips.items()} | {"epoch": epoch}, step=step)
 
 
-def refuse_existing_message(run_dir) -> str:
-    return f"{run_dir} already holds checkpoints: pass resume=true to continue or overwrite=true to start over"
+def refuse_existing_message(run_dir, found=(CHECKPOINTS_DIR,)) -> str:
+    return (f"{run_dir} already holds a run ({', '.join(found)}): pass resume=true to continue or overwrite=true to "
+            "start over (the previous run moves to a previous-* folder)")
 
 
 def check_run_dir(cfg: EmbedConfig) -> None:
-    """Refuse, before anything is written, to start afresh in a run folder with checkpoints.
+    """Refuse, before anything is written, to start afresh in a run folder holding an earlier run.
 
     ``overwrite=true`` moves the previous run aside first (toolkit/rundir.py), so it cannot
     go with ``resume=true``: that would resume nothing.
     """
     if cfg.resume and cfg.overwrite:
         raise ConfigError("resume=true continues the run in run_dir, overwrite=true starts over there: pass one of them")
-    if not cfg.resume and not cfg.overwrite and CheckpointManager(Path(cfg.run_dir) / CHECKPOINTS_DIR).step_files():
-        raise ConfigError(refuse_existing_message(cfg.run_dir))
+    found = run_outputs_in(cfg.run_dir)  # not only checkpoints: a run killed before its first one left metrics
+    if not cfg.resume and not cfg.overwrite and found:
+        raise ConfigError(refuse_existing_message(cfg.run_dir, found))
 
 
 @dataclass
@@ -128,22 +130,24 @@ class TrainState:
     epoch_step: int = 0  # batches of the current epoch consumed (a mid-epoch resume replays up to here)
     best: float = -1.0  # best val kNN accuracy so far
     best_map: float = -1.0  # its MAP@R (breaks accuracy ties)
-    saved_step: int = -1  # step of the last checkpoint written (each step is saved at most once)
+    # What the last checkpoint written holds: a state already on disk is not saved again, but
+    # one that moved since (a validation raised `best`, a batch was skipped) is.
+    saved: dict | None = field(default=None, repr=False, compare=False)
 
     def state_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "saved_step"}
+        return {k: v for k, v in asdict(self).items() if k != "saved"}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.epoch, self.epoch_step = int(state["step"]), int(state["epoch"]), int(state["epoch_step"])
         self.best, self.best_map = float(state["best"]), float(state.get("best_map", -1.0))
-        self.saved_step = self.step
+        self.saved = self.state_dict()
 
 
 @dataclass
 class Budget:
     """When to stop: whichever of steps, epochs and wall-clock minutes runs out first."""
 
-    total_steps: int
+    total_steps: int  # 0: no step limit (a max_minutes-only run)
     epochs: int = 0  # 0: no epoch limit
     deadline: float | None = None  # time.time() to stop at
 
@@ -158,7 +162,8 @@ class Budget:
         """The one stopping test. A collective when there is a deadline (ranks' clocks differ):
         every rank calls it at the same points, and all get the same answer."""
         out_of_time = self.deadline is not None and any_rank(time.time() > self.deadline, device)
-        return state.step >= self.total_steps or bool(self.epochs and state.epoch >= self.epochs) or out_of_time
+        out_of_steps = bool(self.total_steps) and state.step >= self.total_steps
+        return out_of_steps or bool(self.epochs and state.epoch >= self.epochs) or out_of_time
 
 
 def resume(ckpts: CheckpointManager, state: TrainState, *, model, optimizer, scheduler, scaler, rank: int) -> bool:
@@ -179,8 +184,8 @@ def resume(ckpts: CheckpointManager, state: TrainState, *, model, optimizer, sch
 def save_checkpoint(ckpts: CheckpointManager, state: TrainState, *, model, optimizer, scheduler, accelerator,
                     config: dict) -> None:
     """A complete checkpoint of ``state.step`` (rank 0 writes; every rank's RNG goes in). A collective."""
-    if state.saved_step == state.step:
-        return  # this step is on disk already
+    if state.saved == state.state_dict():
+        return  # exactly this state is on disk already (the same on every rank: no rank skips alone)
     rngs = all_gather_object(capture_rng())  # every rank's RNG, so each resumes its own streams
     if accelerator.is_main_process:
         ckpts.save(
@@ -191,7 +196,7 @@ def save_checkpoint(ckpts: CheckpointManager, state: TrainState, *, model, optim
             },
             state.step,
         )
-    state.saved_step = state.step
+    state.saved = state.state_dict()
     accelerator.wait_for_everyone()
 
 
@@ -230,7 +235,9 @@ def validate(model, state: TrainState, *, cfg: EmbedConfig, info: ShardInfo, acc
             f"(best {state.best:.4f}{', saved' if improved else ''}), P@1 {metrics['val/precision_at_1']:.4f}, "
             f"MAP@R {metrics['val/map_at_r']:.4f}"
         )
-    accelerator.wait_for_everyone()
+    # Every rank keeps the same TrainState (save_checkpoint decides on it alike); the broadcast
+    # is also the barrier that holds the others while rank 0 scores.
+    state.best, state.best_map = from_main((state.best, state.best_map), accelerator.device)
     return metrics
 
 
@@ -280,7 +287,7 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
 
     # --- train: epochs of exactly steps_per_epoch batches on every rank -----------------------
     start = time.time()
-    bar = progress(total=budget.total_steps, initial=state.step, desc="embed", enabled=main and cfg.progress, unit="step")
+    bar = progress(total=budget.total_steps or None, initial=state.step, desc="embed", enabled=main and cfg.progress, unit="step")
     images_seen, t_log, skipped_steps = 0, time.time(), 0
     skipped_data: dict[str, int] = {}  # samples skipped by the training stream, whole run (summary.json)
     stop = budget.spent(state, device)
