@@ -360,3 +360,22 @@ def test_a_folder_with_an_earlier_runs_files_is_refused_without_resume_or_overwr
         err = capsys.readouterr().err
         assert rc == 2 and "already holds a run (" in err and files[-1] in err, err
         assert sorted(p.name for p in run_dir.iterdir()) == sorted(files), "nothing written"
+
+
+def test_shards_with_a_class_without_training_images_are_refused_when_training_starts(tmp_path, capsys):
+    import warnings
+
+    from classify_helpers import make_separable_folder, run_launch, shard
+
+    images = make_separable_folder(tmp_path / "img", per_class=8)
+    (images / "broken").mkdir()
+    for i in range(3):
+        (images / "broken" / f"x{i}.png").write_bytes(b"not an image")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sharding warns about it already
+        shards = shard(images, tmp_path / "shards")
+    rc, out = run_launch("embed", [f"shards={shards}", "input_size=16", f"run_dir={tmp_path / 'run'}", "tracker=none"])
+    err = capsys.readouterr().err
+    assert rc == 2 and out == "" and err.count("\n") == 1, err
+    assert err.endswith("cannot train on these shards: 1 class(es) without training images: broken\n"), err
+    assert not (tmp_path / "run").exists(), "refused before anything was written"
