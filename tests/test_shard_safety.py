@@ -255,7 +255,7 @@ def test_shard_report_lines_say_what_was_written_skipped_ignored_and_wrong(tmp_p
 def crashing_encoder(job):
     """Runs in the decoder processes: crash.png kills its process, hang.png never returns."""
     name = os.path.basename(job[0])
-    if name == "crash.png":
+    if name.startswith("crash"):
         os.kill(os.getpid(), signal.SIGKILL)
     if name == "hang.png":
         time.sleep(1000)
@@ -303,9 +303,12 @@ def test_an_image_that_crashes_or_hangs_its_decoder_costs_that_image_only(tmp_pa
 
 
 def test_decoders_that_always_die_stop_the_run_with_one_line(tmp_path):
+    from toolkit.data.shards import _DecoderPool
+
     src = make_image_folder(tmp_path / "images", {"a": 30, "b": 30}, size=(4, 4))
     before = _child_pids()
-    with pytest.raises(DataError, match=r"failed 10 times before decoding any image \(last: decoder crashed") as e:
+    limit = _DecoderPool.MAX_FAILURES_BEFORE_ANY_ANSWER
+    with pytest.raises(DataError, match=rf"failed {limit} times before decoding any image \(last: decoder crashed") as e:
         _write(src, tmp_path / "shards", workers=2, _encode=always_crashing_encoder)
     _one_line(e)
     assert _child_pids() == before
@@ -397,3 +400,13 @@ def test_bad_arguments_are_refused_in_one_line_before_any_work(tmp_path, kw, mes
         write_shards(tmp_path / "no-images", out, progress=False, **kw)
     assert message in _one_line(e)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cluster_of_crashing_images_is_not_mistaken_for_a_broken_environment(tmp_path):
+    """Eight crashing images first in line (each costs a try and a retry) are eight skipped images."""
+    src = make_image_folder(tmp_path / "images", {"a": 10, "b": 10}, size=(4, 4))
+    for i in range(8):
+        (src / "a" / f"crash{i}.png").write_bytes((src / "a" / "img_000.png").read_bytes())
+    info = _write(src, tmp_path / "shards", workers=1, image_timeout_s=5, _encode=crashing_encoder)
+    assert info.skipped == 8 and {p for p, _ in info.skipped_files} == {f"a/crash{i}.png" for i in range(8)}
+    assert info.splits["train"].num_samples + info.splits["val"].num_samples == 20
