@@ -44,7 +44,7 @@ def test_shard_names_in_a_remote_info_never_reach_the_shell(tmp_path):
 
 @pytest.mark.parametrize("name", ["a b.tar", "x;id.tar", "$(id).tar", "`id`.tar", "../up.tar", "sub/train-000000.tar", "'q'.tar", "-rf.tar", ""])
 def test_shard_url_only_fills_in_plain_file_names(name):
-    from toolkit.data.shards import shard_url
+    from toolkit.data.location import shard_url
 
     for folder in ("pipe:aws s3 cp s3://bucket/shards/{} -", "https://host/shards", "/data/shards"):
         with pytest.raises(DataError, match="not a plain file name"):

@@ -24,12 +24,11 @@ from classify_helpers import run_launch, shared_classify_run, shared_embed_run
 from conftest import launch_two_cpu
 from test_embed import LAUNCH, launch_python, make_quadrant_shards, step_files, train_steps, write_config
 from toolkit.files import safe_load
+from toolkit.artifacts import LOCK_FILE, RUN_OUTPUTS
 from toolkit.rundir import (
-    LOCK_NAME,
-    RUN_OUTPUTS,
     RunFolderBusy,
-    acquire_lock,
     STALE_AFTER_S,
+    acquire_lock,
     lock_is_stale,
     move_previous_run,
     process_start_time,
@@ -66,7 +65,7 @@ def start_holder(run_dir: Path) -> subprocess.Popen:
     while (read_lock(run_dir) or {}).get("pid") != proc.pid:
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
-            pytest.fail(f"lock holder did not take {run_dir / LOCK_NAME} (rc {proc.poll()})")
+            pytest.fail(f"lock holder did not take {run_dir / LOCK_FILE} (rc {proc.poll()})")
         time.sleep(0.05)
     return proc
 
@@ -92,8 +91,8 @@ def test_lock_is_exclusive_and_released(tmp_path):
     lock.release()
     assert read_lock(run_dir) is None
     with acquire_lock(run_dir):
-        assert (run_dir / LOCK_NAME).is_file()
-    assert not (run_dir / LOCK_NAME).exists()
+        assert (run_dir / LOCK_FILE).is_file()
+    assert not (run_dir / LOCK_FILE).exists()
 
 
 def test_lock_of_a_dead_process_is_stale_and_taken_over(tmp_path):
@@ -102,13 +101,13 @@ def test_lock_of_a_dead_process_is_stale_and_taken_over(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     old = {"pid": gone.pid, "host": HOST, "started": "2026-01-01T00:00:00Z", "process_start": 1, "command": "old job"}
-    (run_dir / LOCK_NAME).write_text(json.dumps(old))
+    (run_dir / LOCK_FILE).write_text(json.dumps(old))
     assert lock_is_stale(old) is True
     lock = acquire_lock(run_dir)
     assert lock.took_over == old
     assert read_lock(run_dir) == lock.info and lock.info["pid"] == os.getpid()
     lock.release()
-    assert not (run_dir / LOCK_NAME).exists()
+    assert not (run_dir / LOCK_FILE).exists()
 
 
 def test_reused_pid_is_stale_a_live_process_is_not():
@@ -126,17 +125,17 @@ def test_lock_from_another_host_is_refused_and_says_how_to_remove_it(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     other = {"pid": 4242, "host": "gpu-node-7", "started": "2026-12-01T15:30:00Z", "process_start": 7, "command": "train"}
-    (run_dir / LOCK_NAME).write_text(json.dumps(other))
+    (run_dir / LOCK_FILE).write_text(json.dumps(other))
     with pytest.raises(RunFolderBusy) as refused:
         acquire_lock(run_dir)
     msg = str(refused.value)
     assert msg.startswith(f"run folder {run_dir} is in use by pid 4242 on host gpu-node-7 since 2026-12-01T15:30:00Z: ")
-    assert f"delete {run_dir / LOCK_NAME}" in msg and "\n" not in msg
+    assert f"delete {run_dir / LOCK_FILE}" in msg and "\n" not in msg
     assert read_lock(run_dir) == other
     # ... until its holder has not refreshed it for STALE_AFTER_S: a job killed on another
     # machine (or in a container with a new host name) must not block a requeued resume forever
     old = time.time() - STALE_AFTER_S - 60
-    os.utime(run_dir / LOCK_NAME, (old, old))
+    os.utime(run_dir / LOCK_FILE, (old, old))
     with acquire_lock(run_dir) as lock:
         assert lock.took_over == other and read_lock(run_dir)["pid"] == os.getpid()
 
@@ -163,7 +162,7 @@ def test_move_previous_run_moves_only_what_the_toolkit_writes(tmp_path):
         if name in ("checkpoints", "plots", "wandb", "wandb-data"):
             (run_dir / name).mkdir()
             (run_dir / name / "inside").write_text(name)
-        elif name != LOCK_NAME:
+        elif name != LOCK_FILE:
             (run_dir / name).write_text(f"old {name}")
     user = add_user_files(run_dir)
     old = {k: v for k, v in files_of(run_dir).items() if k not in user}
@@ -172,9 +171,9 @@ def test_move_previous_run_moves_only_what_the_toolkit_writes(tmp_path):
         dest = move_previous_run(run_dir, now=datetime(2026, 12, 1, 15, 30, tzinfo=timezone.utc))
         assert dest == run_dir / "previous-20261201T153000Z"
         assert files_of(dest) == old, "the previous run moves whole, nothing deleted"
-        assert sorted(p.name for p in run_dir.iterdir()) == sorted([LOCK_NAME, "notes.txt", EARLIER, dest.name])
+        assert sorted(p.name for p in run_dir.iterdir()) == sorted([LOCK_FILE, "notes.txt", EARLIER, dest.name])
         assert read_lock(run_dir) == lock.info, "the lock of the job starting over stays"
-        assert {k: v for k, v in files_of(run_dir).items() if not k.startswith(dest.name)} == {**user, LOCK_NAME: (run_dir / LOCK_NAME).read_bytes()}
+        assert {k: v for k, v in files_of(run_dir).items() if not k.startswith(dest.name)} == {**user, LOCK_FILE: (run_dir / LOCK_FILE).read_bytes()}
 
         assert move_previous_run(run_dir) is None, "nothing left to move: no empty folder"
         (run_dir / "metrics.jsonl").write_text("a second start over within the same second\n")
@@ -183,9 +182,9 @@ def test_move_previous_run_moves_only_what_the_toolkit_writes(tmp_path):
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    (run_dir / LOCK_NAME).write_text(json.dumps({"pid": gone.pid, "host": HOST, "started": "x", "command": "y"}))
+    (run_dir / LOCK_FILE).write_text(json.dumps({"pid": gone.pid, "host": HOST, "started": "x", "command": "y"}))
     stale = move_previous_run(run_dir)
-    assert stale is not None and (stale / LOCK_NAME).is_file() and not (run_dir / LOCK_NAME).exists()
+    assert stale is not None and (stale / LOCK_FILE).is_file() and not (run_dir / LOCK_FILE).exists()
 
 
 # ----------------------------------------------------------------------------- embed: overwrite, then resume
@@ -222,7 +221,7 @@ def test_embed_overwrite_moves_the_old_run_aside_and_resume_never_reads_it(tmp_p
     assert f"overwrite=true: moved the previous run in {run_dir} to {prev}" in out
     assert files_of(prev) == run1, "run 1 moved aside whole, byte for byte"
     assert {k: v for k, v in files_of(run_dir).items() if k in user} == user, "notes and earlier previous-* untouched"
-    assert not (run_dir / LOCK_NAME).exists()
+    assert not (run_dir / LOCK_FILE).exists()
 
     # run 2's newest checkpoint is damaged: resume falls back to run 2's step 2, never run 1's step 6
     newest = step_files(run_dir)[3]
@@ -270,7 +269,7 @@ def test_classify_overwrite_moves_the_old_run_aside(tmp_path, tmp_path_factory, 
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
     assert (run_dir / "report.json").is_file()
     assert {k: v for k, v in files_of(run_dir).items() if k in user} == user
-    assert not (run_dir / LOCK_NAME).exists()
+    assert not (run_dir / LOCK_FILE).exists()
 
 
 # ----------------------------------------------------------------------------- the lock in the launch scripts
@@ -292,7 +291,7 @@ def test_embed_holds_the_lock_while_it_runs_and_releases_it_on_failure(extra, tm
     with pytest.raises(RuntimeError, match="a bug in the loop"):
         run_launch("embed", embed_args(config, run_dir, *extra))
     assert seen.get("pid") == os.getpid() and seen["command"].startswith("launch/embed.py --config "), seen
-    assert not (run_dir / LOCK_NAME).exists(), "the lock must go on failure too"
+    assert not (run_dir / LOCK_FILE).exists(), "the lock must go on failure too"
 
 
 def test_a_second_job_is_refused_and_a_killed_jobs_lock_taken_over(tmp_path, shards, capsys):
@@ -308,7 +307,7 @@ def test_a_second_job_is_refused_and_a_killed_jobs_lock_taken_over(tmp_path, sha
         expected = f"error: run folder {run_dir} is in use by pid {holder.pid} on host {HOST} since {held['started']}: "
         assert lines[-1].startswith(expected), r.stdout[-3000:]
         assert "Traceback" not in r.stdout
-        assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_NAME] and read_lock(run_dir) == held
+        assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE] and read_lock(run_dir) == held
     finally:
         holder.kill()  # SIGKILL: the lock stays behind, stale
         holder.wait()
@@ -318,7 +317,7 @@ def test_a_second_job_is_refused_and_a_killed_jobs_lock_taken_over(tmp_path, sha
     assert rc == 0, out + capsys.readouterr().err
     assert f"taking over the stale lock of pid {holder.pid} on host {HOST}" in out
     assert train_steps(read_metrics(run_dir)) == [1]
-    assert not (run_dir / LOCK_NAME).exists()
+    assert not (run_dir / LOCK_FILE).exists()
 
 
 def test_classify_refuses_a_held_folder_and_runs_once_it_is_released(tmp_path, tmp_path_factory, capsys):
@@ -364,4 +363,4 @@ def test_two_processes_agree_on_the_lock(tmp_path, shards):
     (prev,) = new_previous(run_dir)
     assert (prev / "metrics.jsonl").read_text() == '{"step": 99, "train/loss": 1.0}\n'
     assert train_steps(read_metrics(run_dir)) == [1, 2]
-    assert not (run_dir / LOCK_NAME).exists()
+    assert not (run_dir / LOCK_FILE).exists()

@@ -35,9 +35,7 @@ from toolkit.distributed import from_main
 from toolkit.errors import ConfigError
 
 __all__ = [
-    "LOCK_NAME",
     "PREVIOUS_PREFIX",
-    "RUN_OUTPUTS",
     "RunClaim",
     "RunFolderBusy",
     "RunLock",
@@ -52,7 +50,6 @@ __all__ = [
     "takeover_message",
 ]
 
-LOCK_NAME = LOCK_FILE
 PREVIOUS_PREFIX = "previous-"
 
 
@@ -125,7 +122,7 @@ def _this_process(command: str | None) -> dict:
 
 def read_lock(run_dir: str | os.PathLike) -> dict | None:
     """The JSON in ``run_dir/.lock``: None when there is no lock, ``{}`` when it is unreadable."""
-    return _read_json(Path(run_dir) / LOCK_NAME)
+    return _read_json(Path(run_dir) / LOCK_FILE)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -205,13 +202,13 @@ def busy_message(run_dir: str | os.PathLike, held: dict, *, checkable: bool) -> 
     return (
         f"{_holder(run_dir, held)}: {_command(held)!r}; this process cannot check a job on another host (or in "
         f"another container): its lock counts as stale {STALE_AFTER_S / 60:.0f} min after that job stops refreshing "
-        f"it; if that job is no longer running, delete {run_dir / LOCK_NAME} and start again"
+        f"it; if that job is no longer running, delete {run_dir / LOCK_FILE} and start again"
     )
 
 
 def _remove_if_unchanged(path: Path, held: dict) -> bool:
     """Remove the lock at ``path`` if it still says ``held``; False when another job got there first."""
-    aside = path.with_name(f"{LOCK_NAME}.{os.getpid()}.stale")
+    aside = path.with_name(f"{LOCK_FILE}.{os.getpid()}.stale")
     try:
         os.rename(path, aside)  # atomic: of two jobs taking over the same stale lock, one moves it
     except FileNotFoundError:
@@ -279,7 +276,7 @@ def acquire_lock(run_dir: str | os.PathLike, *, command: str | None = None) -> R
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_NAME
+    path = run_dir / LOCK_FILE
     info, took_over = _this_process(command), None
     for _ in range(5):  # more rounds only when other jobs race for the same stale lock
         try:
@@ -301,7 +298,7 @@ def acquire_lock(run_dir: str | os.PathLike, *, command: str | None = None) -> R
 def takeover_message(run_dir: str | os.PathLike, held: dict) -> str:
     """The warning printed when a stale lock is taken over."""
     if not held:
-        return f"warning: run folder {run_dir}: replaced an unreadable stale lock {Path(run_dir) / LOCK_NAME}"
+        return f"warning: run folder {run_dir}: replaced an unreadable stale lock {Path(run_dir) / LOCK_FILE}"
     return (
         f"warning: run folder {run_dir}: taking over the stale lock of pid {held.get('pid')} on host "
         f"{held.get('host')} (since {held.get('started')}, {_command(held)!r}): that process is gone"
@@ -332,8 +329,8 @@ def move_previous_run(run_dir: str | os.PathLike, *, now: datetime | None = None
     """
     run_dir = Path(run_dir)
     names = [n for n in RUN_OUTPUTS if os.path.lexists(run_dir / n)]
-    if LOCK_NAME in names and lock_is_stale(read_lock(run_dir) or {}, age_s=lock_age_s(run_dir / LOCK_NAME)) is not True:
-        names.remove(LOCK_NAME)
+    if LOCK_FILE in names and lock_is_stale(read_lock(run_dir) or {}, age_s=lock_age_s(run_dir / LOCK_FILE)) is not True:
+        names.remove(LOCK_FILE)
     if not names:
         return None
     dest = _new_previous_dir(run_dir, now)

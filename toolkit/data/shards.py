@@ -29,7 +29,6 @@ import numbers
 import os
 import random
 import re
-import shlex
 import shutil
 import signal
 import time
@@ -46,6 +45,7 @@ from PIL import Image, ImageOps
 
 from toolkit.data.folder import NOT_AN_IMAGE, list_image_folder, stratified_split
 from toolkit.errors import DataError
+from toolkit.data.location import is_remote, shard_url
 from toolkit.files import new_temp_folder, rename_onto_new
 from toolkit.progress import progress as progress_bar
 
@@ -671,37 +671,6 @@ def check_trainable(info: ShardInfo, *, folder: str | Path) -> None:
         problems.append("the val split is empty (validation needs images: re-shard with a larger --val_fraction)")
     if problems:
         raise DataError(f"{folder}: cannot train on these shards: " + "; ".join(problems))
-
-
-def is_remote(folder: str | Path) -> bool:
-    """Shards elsewhere: a URL (``http://host/shards``) or a template with ``{}`` for the
-    file name (``pipe:aws s3 cp s3://bucket/shards/{} -``), read through WebDataset's gopen."""
-    s = str(folder)
-    return "{}" in s or "://" in s
-
-
-PLAIN_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-
-
-def shard_url(folder: str | Path, name: str) -> str:
-    """Where file ``name`` of a shard folder lives: local path, URL or filled-in template.
-
-    ``name`` must be a plain file name (letters, digits, ``_.-``, not starting with ``.`` or
-    ``-``): gopen runs a ``pipe:`` template in a shell, so a name is data that must not be
-    able to end the command, start an option or leave the folder. Such a name needs no shell
-    quoting (``shlex.quote`` of such a name is the name itself, so a ``{}`` the user quoted in
-    the template stays valid); it is quoted anyway for a ``pipe:`` template, as a second guard.
-    A local path is made absolute: gopen reads a scheme from any ``word:`` prefix, so a
-    relative folder called ``pipe:x`` or ``data:2024`` must never reach it as such.
-    """
-    if not PLAIN_FILE_NAME.fullmatch(name):
-        raise DataError(f"refusing to use {_short(name)} as a shard file name: not a plain file name")
-    s = str(folder)
-    if "{}" in s:
-        return s.replace("{}", shlex.quote(name) if s.startswith("pipe:") else name)
-    if "://" in s:
-        return s.rstrip("/") + "/" + name
-    return os.path.join(os.path.abspath(s), name)
 
 
 @dataclass(frozen=True)

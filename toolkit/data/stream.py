@@ -24,7 +24,8 @@ from torch.utils.data import get_worker_info
 from toolkit.data.batching import eval_batches, pk_batches, random_batches
 from toolkit.data.batching import pk_shape  # noqa: F401 - also imported from here by the training code: the one re-export
 from toolkit.data.reader import SkipLog, SlotReader
-from toolkit.data.shards import read_info, shard_url
+from toolkit.data.location import shard_url
+from toolkit.data.shards import read_info
 from toolkit.errors import DataError
 
 __all__ = ["ShardStream", "make_loader", "pk_shape"]
