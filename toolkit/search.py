@@ -1,0 +1,152 @@
+"""Nearest-neighbour search with faiss: the one place a search index is built, searched or (de)serialised.
+
+Every neighbour search of the toolkit that is not a kNN *vote* with scikit-learn's tie rules
+(:mod:`toolkit.knn`, which uses this module to screen candidates) goes through here:
+retrieval metrics, ``toolkit index`` / ``toolkit search``, the "unknown" threshold.
+
+Kinds of index (all Euclidean: on unit embeddings the ranking equals cosine similarity's):
+
+* ``flat``: exact (``IndexFlatL2``), the default; what every metric uses.
+* ``ivf``: ``IndexIVFFlat`` with ``nlist`` cells (0: about 4·√N), ``nprobe`` searched;
+  approximate, for large galleries. Needs training: on the vectors first added (seeded).
+* ``hnsw``: ``IndexHNSWFlat`` with ``hnsw_m`` links per node and ``ef_search``; approximate,
+  no training, fast queries, slower to build.
+
+Distances come back as *squared* Euclidean distances (faiss's own), ids as positions in the
+order vectors were added (-1 where fewer than k exist). A GPU copy of the index is used when
+faiss was built with GPU support (``faiss-gpu``) and ``device`` is a CUDA device.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from toolkit.errors import DataError
+
+KINDS = ("flat", "ivf", "hnsw")
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:  # a dependency; a broken install gets one line
+        raise DataError("faiss is not installed: pip install faiss-cpu (or faiss-gpu)") from None
+    return faiss
+
+
+def as_float32(x) -> np.ndarray:
+    """(N, D) C-contiguous float32 numpy array from a tensor or array (what faiss takes)."""
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"search: expected an (N, D) array, got shape {x.shape}")
+    return x
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """How to build an index (recorded with a saved one)."""
+
+    kind: str = "flat"
+    nlist: int = 0  # ivf: cells (0 = about 4 sqrt(N) at training time)
+    nprobe: int = 16  # ivf: cells searched per query
+    hnsw_m: int = 32  # hnsw: links per node
+    ef_search: int = 128  # hnsw: candidate list length at query time
+    seed: int = 0  # ivf: k-means seed
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise DataError(f"index kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        for name in ("nlist", "nprobe", "hnsw_m", "ef_search", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name in ("nlist", "seed") else 1):
+                raise DataError(f"index {name} must be an int >= {0 if name in ('nlist', 'seed') else 1}, got {value!r}")
+
+
+def build_index(vectors, spec: IndexSpec | None = None, *, device=None):
+    """A faiss index holding ``vectors`` (N, D) in this order (ids 0 .. N-1)."""
+    faiss = _faiss()
+    spec = spec or IndexSpec()
+    x = as_float32(vectors)
+    n, dim = x.shape
+    if spec.kind == "flat":
+        index = faiss.IndexFlatL2(dim)
+    elif spec.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, spec.hnsw_m)
+        index.hnsw.efSearch = spec.ef_search
+    else:
+        if n == 0:
+            raise DataError("an ivf index needs vectors to train on")
+        nlist = spec.nlist or max(1, int(4 * math.sqrt(n)))
+        nlist = min(nlist, n)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist)
+        index.cp.seed = spec.seed
+        index.train(x)
+        index.nprobe = min(spec.nprobe, nlist)
+    if n:
+        index.add(x)
+    return _to_device(index, device)
+
+
+def _to_device(index, device):
+    faiss = _faiss()
+    if device is None or str(device).split(":")[0] != "cuda" or not hasattr(faiss, "StandardGpuResources"):
+        return index
+    gpu = int(str(device).split(":")[1]) if ":" in str(device) else 0
+    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), gpu, index)
+
+
+def to_cpu(index):
+    faiss = _faiss()
+    return faiss.index_gpu_to_cpu(index) if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__ else index
+
+
+def add(index, vectors) -> None:
+    """Append ``vectors`` (their ids continue from ``index.ntotal``)."""
+    x = as_float32(vectors)
+    if x.shape[1] != index.d:
+        raise DataError(f"cannot add {x.shape[1]}-d vectors to a {index.d}-d index")
+    if len(x):
+        index.add(x)
+
+
+def search(index, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest of each query: (squared distances (Q, k) float32, ids (Q, k) int64), nearest first."""
+    q = as_float32(queries)
+    if q.shape[1] != index.d:
+        raise DataError(f"cannot search a {index.d}-d index with {q.shape[1]}-d queries")
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"search: k must be >= 1, got {k}")
+    if len(q) == 0:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    dist, ids = index.search(q, k)
+    return dist, ids.astype(np.int64, copy=False)
+
+
+def nearest(reference, queries, k: int, spec: IndexSpec | None = None, *, device=None) -> tuple[np.ndarray, np.ndarray]:
+    """One-off search of ``queries`` among ``reference`` (exact by default): see :func:`search`."""
+    return search(build_index(reference, spec, device=device), queries, k)
+
+
+def serialize(index) -> bytes:
+    """The index as bytes (faiss's own format), to save."""
+    return _faiss().serialize_index(to_cpu(index)).tobytes()
+
+
+def deserialize(data: bytes, *, dim: int, ntotal: int, where) -> object:
+    """An index from :func:`serialize`'s bytes, checked against what was recorded beside it."""
+    faiss = _faiss()
+    try:
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except Exception as exc:  # noqa: BLE001 - faiss raises RuntimeError with a C++ trace
+        raise DataError(f"{where}: not a readable faiss index ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None
+    if index.d != dim or index.ntotal != ntotal:
+        raise DataError(f"{where}: the index holds {index.ntotal} vectors of dimension {index.d}, expected {ntotal} of {dim}")
+    return index
+
+
+__all__ = ["KINDS", "IndexSpec", "add", "as_float32", "build_index", "deserialize", "nearest", "search", "serialize", "to_cpu"]
