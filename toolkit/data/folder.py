@@ -1,4 +1,4 @@
-"""Image folder -> pandas manifest -> stratified train/val split.
+"""Image folder -> pandas manifest -> stratified train/val split (+ held-out test classes).
 
 The manifest is the single source of truth for what goes into the shards: one row per
 image file, with its relative path, class name, class index (classes sorted by name) and
@@ -8,7 +8,11 @@ a class (``ignored``), so nothing is dropped without a trace.
 from __future__ import annotations
 
 import heapq
+import math
+import numbers
 import os
+import random
+import re
 import warnings
 from pathlib import Path
 
@@ -182,3 +186,125 @@ def stratified_split(
     out = manifest.copy()
     out["split"] = split
     return out
+
+
+def parse_holdout(spec, classes: list[str], *, seed: int = 0) -> list[str]:
+    """The classes to hold out (sorted names) for ``spec``, out of ``classes``.
+
+    ``spec`` is one of: None or ``""`` (none held out: ``[]``); a fraction ``f`` in (0, 1)
+    (float or a string like ``"0.2"``): ``max(1, round(f * C))`` classes; a count ``n >= 1``
+    (int or a plain integer string like ``"2"``); class names (a list/tuple of str, or a
+    comma list like ``"8,9"`` or ``"A,b"``; a single name whose text is a number needs a
+    trailing comma, ``"9,"``; a non-numeric string without a comma is one name). A fraction
+    or count picks the classes at random, seeded by ``seed``: the same seed and the same
+    class names always pick the same classes, whatever order ``classes`` is given in.
+
+    Refused with a one-line DataError: a spec of none of these shapes, unknown names,
+    holding out every class, or leaving fewer than 2 known classes (metric learning needs
+    at least two classes to train on).
+    """
+    names = sorted(set(map(str, classes)))
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        return []
+    what = _holdout_kind(spec)
+    if isinstance(what, list):
+        unknown = sorted(set(what) - set(names))
+        if unknown:
+            raise DataError(
+                f"holdout_classes names unknown class(es): {_short_list(unknown)} (classes: {_short_list(names)})"
+            )
+        held = sorted(set(what))
+    else:
+        kind, value = what
+        n = max(1, int(round(value * len(names)))) if kind == "fraction" else int(value)
+        if n >= len(names):
+            raise DataError(
+                f"holdout_classes={_spec_text(spec)} would hold out {n} of the {len(names)} classes: "
+                "at least 2 must stay known (for training)"
+            )
+        held = sorted(random.Random(f"{seed}-holdout").sample(names, n))
+    known = len(names) - len(held)
+    if known < 2:
+        raise DataError(
+            f"holdout_classes={_spec_text(spec)} holds out {len(held)} of the {len(names)} classes, leaving "
+            f"{known} known: at least 2 must stay known (for training)"
+        )
+    return held
+
+
+_COUNT = re.compile(r"[0-9]+")
+
+
+def _holdout_kind(spec) -> list[str] | tuple[str, float]:
+    """``spec`` as a list of names, ``("fraction", f)`` or ``("count", n)``; DataError otherwise."""
+    expected = "a fraction in (0, 1) like 0.2, a count like 2, or class names like 8,9"
+    if isinstance(spec, bool):
+        raise DataError(f"holdout_classes={spec!r}: expected {expected}")
+    if isinstance(spec, (list, tuple)):
+        if not spec or not all(isinstance(s, str) and s for s in spec):
+            raise DataError(f"holdout_classes={_spec_text(spec)}: expected a non-empty list of class names (strings)")
+        return list(spec)
+    if isinstance(spec, numbers.Integral):
+        if spec < 1:
+            raise DataError(f"holdout_classes={spec}: a count of classes must be >= 1 (give none to hold out nothing)")
+        return ("count", int(spec))
+    if isinstance(spec, numbers.Real):
+        if not (math.isfinite(spec) and 0.0 < spec < 1.0):
+            raise DataError(f"holdout_classes={spec}: a fraction of the classes must be in (0, 1)")
+        return ("fraction", float(spec))
+    if not isinstance(spec, str):
+        raise DataError(f"holdout_classes={_spec_text(spec)}: expected {expected}")
+    text = spec.strip()
+    if "," in text:
+        parts = [p.strip() for p in text.split(",")]
+        parts = [p for p in parts if p]
+        if not parts:
+            raise DataError(f"holdout_classes={spec!r}: no class name given")
+        return parts
+    if _COUNT.fullmatch(text):
+        return _holdout_kind(int(text))
+    try:
+        value = float(text)
+    except ValueError:
+        return [text]  # one class name
+    if not (math.isfinite(value) and 0.0 < value < 1.0):
+        raise DataError(
+            f"holdout_classes={spec!r}: a fraction of the classes must be in (0, 1) (a class named {text!r} is written {text + ','!r})"
+        )
+    return ("fraction", value)
+
+
+def _spec_text(spec) -> str:
+    text = repr(spec) if isinstance(spec, str) else str(spec)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _short_list(items: list[str], limit: int = 10) -> str:
+    return ", ".join(items[:limit]) + (" ..." if len(items) > limit else "")
+
+
+def class_disjoint_split(
+    manifest: pd.DataFrame, holdout: list[str], *, val_fraction: float = 0.15, seed: int = 0
+) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """Split ``manifest`` into train/val (known classes) and test (the ``holdout`` classes, whole).
+
+    The known classes get exactly the train/val assignment :func:`stratified_split` gives
+    them without any holdout (the split is computed over all classes, then the held-out
+    rows move to ``test``), so holding classes out never reshuffles the others. Class
+    indices are rewritten so that they index ``classes + holdout`` (known classes sorted,
+    then the held-out ones sorted): known classes keep 0..C-1, held-out ones get C..C+H-1.
+
+    Returns ``(manifest with split and index, classes, holdout)``. With no holdout this is
+    :func:`stratified_split` and the indices are unchanged.
+    """
+    out = stratified_split(manifest, val_fraction=val_fraction, seed=seed)
+    labels = sorted(out["label"].unique().tolist())
+    holdout = sorted(holdout)
+    if not holdout:
+        return out, labels, []
+    classes = [c for c in labels if c not in set(holdout)]
+    order = {name: i for i, name in enumerate(classes + holdout)}
+    held = out["label"].isin(holdout).to_numpy()
+    out.loc[held, "split"] = "test"
+    out["index"] = out["label"].map(order).astype(int)
+    return out, classes, holdout

@@ -148,7 +148,7 @@ class SlotReader:
 
     urls: list[str]
     shard_lengths: dict[str, int]  # url -> samples _info.json promises; a missing url is not checked
-    num_classes: int
+    num_classes: int  # labels 0..num_classes-1 are valid (known + held-out classes where the split has them)
     skips: SkipLog
     slot: int = 0
     num_slots: int = 1

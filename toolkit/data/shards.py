@@ -2,16 +2,25 @@
 
 Layout of the output folder (written to a temporary sibling, moved into place when complete)::
 
-    OUT/train-000000.tar ...  OUT/val-000000.tar ...
+    OUT/train-000000.tar ...  OUT/val-000000.tar ...  (OUT/test-000000.tar ... with held-out classes)
     OUT/_info.json            classes, per-split counts, shard names/lengths/sha256, preprocessing,
-                              warnings (problems found while sharding)
-    OUT/manifest.csv          every listed image: path, label, index, split, key, status
+                              warnings (problems found while sharding); with held-out classes also
+                              holdout_classes, holdout (the settings) and the test split's roles
+    OUT/manifest.csv          every listed image: path, label, index, split, key, status (+ is_query,
+                              is_gallery with held-out classes)
     OUT/skipped.csv           unreadable images with the reason (also counted on screen)
     OUT/ignored.csv           every other file under SRC with the reason it is not an image
 
 Each sample: ``<key>.png`` (the preprocessed image), ``<key>.cls`` (class index) and
 ``<key>.json`` (original relative path, class name). Keys are ``s<8-digit manifest row>``:
 dot-free (WebDataset splits on the first dot) and unable to escape the folder.
+
+Open-set splits (``holdout_classes``): the held-out classes go whole into a ``test`` split,
+the known ones are split train/val exactly as without a holdout. ``classes`` stays the
+known classes (the model's); ``holdout_classes`` lists the held-out ones, and every label
+(``.cls``, manifest ``index``) indexes ``classes + holdout_classes``. Each test image is a
+query, a gallery image or both (open-metric-learning's ``is_query`` / ``is_gallery``):
+``_info.json`` lists only the exceptions, ``not_query`` and ``not_gallery`` (sample keys).
 
 ``--overwrite`` replaces only what this module wrote: an empty folder or a shard folder
 holding nothing but the files above. ``_info.json`` may come from a remote location, so
@@ -43,7 +52,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from toolkit.data.folder import NOT_AN_IMAGE, list_image_folder, stratified_split
+from toolkit.data.folder import NOT_AN_IMAGE, class_disjoint_split, list_image_folder, parse_holdout
 from toolkit.errors import DataError
 from toolkit.data.location import is_remote, shard_url
 from toolkit.files import new_temp_folder, rename_onto_new
@@ -56,6 +65,8 @@ SIDE_FILES = frozenset({INFO_NAME, "manifest.csv", "skipped.csv", "ignored.csv"}
 # _info.json: no "/", no shell metacharacters, so a name is safe in a path, URL or command.
 SHARD_NAME = re.compile(r"[A-Za-z0-9_]+-\d{6,}\.tar")
 SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
+SAMPLE_KEY = re.compile(r"s\d{8,}")  # what the writer names a sample: s<8+ digit manifest row>
+TEST_SPLIT = "test"  # the split of the held-out classes
 
 
 def preprocess_image(img: Image.Image, *, image_size: int | None, grayscale: bool) -> Image.Image:
@@ -302,7 +313,8 @@ def _is_int(x: Any) -> bool:
 
 
 def _check_args(
-    *, val_fraction: Any, seed: Any, image_size: Any, samples_per_shard: Any, workers: Any, image_timeout_s: Any
+    *, val_fraction: Any, seed: Any, image_size: Any, samples_per_shard: Any, workers: Any, image_timeout_s: Any,
+    query_fraction: Any = 0.0,
 ) -> None:
     """One line for the first bad argument, before any work: late, a bad value fails once per
     image or not at all (a negative image_size made every image 'unreadable')."""
@@ -322,6 +334,8 @@ def _check_args(
         or not (0 < image_timeout_s and math.isfinite(image_timeout_s))
     ):
         raise DataError(f"image_timeout_s must be a number of seconds > 0, got {image_timeout_s}")
+    if isinstance(query_fraction, bool) or not isinstance(query_fraction, numbers.Real) or not 0.0 <= query_fraction < 1.0:
+        raise DataError(f"query_fraction must be in [0, 1) (0: every test image is query and gallery), got {query_fraction}")
 
 
 def _check_apart(src: Path, out: Path) -> None:
@@ -458,6 +472,8 @@ def write_shards(
     overwrite: bool = False,
     progress: bool = True,
     image_timeout_s: float = 60.0,
+    holdout_classes: Any = None,
+    query_fraction: float = 0.0,
     _encode: Callable[[tuple[str, int | None, bool]], tuple[bytes | None, str | None]] = _encode_one,
 ) -> "ShardInfo":
     """Shard ``src`` (image folder) into ``out``. Returns its :class:`ShardInfo`.
@@ -465,6 +481,15 @@ def write_shards(
     Arguments are checked first (one line each), then that ``out`` lies outside ``src`` and
     is absent, or with ``overwrite`` an empty folder or a shard folder holding only files
     this function writes; nothing else is ever replaced or deleted.
+
+    ``holdout_classes`` (None: none) makes a class-disjoint (open-set) split: those classes
+    go whole into a ``test`` split, the others are split train/val as without a holdout. It
+    is what :func:`~toolkit.data.folder.parse_holdout` takes: a fraction in (0, 1) of the
+    classes, a count, class names (list or comma string); a fraction or count picks classes
+    seeded by ``seed``. ``query_fraction`` sets the test images' roles: 0 (default) makes
+    every one both query and gallery (leave-one-out); ``f`` in (0, 1) makes ``round(f*n)``
+    images of each held-out class (at least 1, at most n-1; seeded) queries only and the
+    rest gallery only (a class with a single readable image: gallery only).
 
     Images are decoded in ``workers`` processes (None: one per CPU core, at most 8). An image
     that crashes its decoder, or takes longer than ``image_timeout_s`` seconds, is skipped
@@ -481,7 +506,7 @@ def write_shards(
     src, out = Path(src), Path(out)
     _check_args(
         val_fraction=val_fraction, seed=seed, image_size=image_size, samples_per_shard=samples_per_shard,
-        workers=workers, image_timeout_s=image_timeout_s,
+        workers=workers, image_timeout_s=image_timeout_s, query_fraction=query_fraction,
     )
     _check_apart(src, out)
     _check_replaceable(out, overwrite=overwrite)
@@ -492,11 +517,13 @@ def write_shards(
     for w in caught:
         if not issubclass(w.category, UserWarning):  # not about the data: passed on as it came
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    holdout = parse_holdout(holdout_classes, sorted(manifest["label"].unique().tolist()), seed=seed)
+    if query_fraction and not holdout:
+        raise DataError(f"query_fraction={query_fraction} sets the roles of held-out test images: give holdout_classes too")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # classes left without val images are reported from the shards below
-        manifest = stratified_split(manifest, val_fraction=val_fraction, seed=seed)
+        manifest, classes, holdout = class_disjoint_split(manifest, holdout, val_fraction=val_fraction, seed=seed)
     manifest["key"] = [f"s{i:08d}" for i in range(len(manifest))]
-    classes = sorted(manifest["label"].unique().tolist())
 
     jobs = [(str(src / p), image_size or None, grayscale) for p in manifest["path"]]
     bar = progress_bar(total=len(jobs), desc=f"shard {src.name}", enabled=progress, unit="img")
@@ -510,19 +537,30 @@ def write_shards(
     skipped = [
         (manifest.at[i, "path"], reason) for i, (png, reason) in enumerate(encoded) if png is None
     ]
+    if holdout:
+        manifest["is_query"], manifest["is_gallery"] = _test_roles(manifest, query_fraction=query_fraction, seed=seed)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = new_temp_folder(out)
     try:
         info = _write_split_shards(
-            manifest, encoded, tmp, classes=classes, seed=seed, samples_per_shard=samples_per_shard
+            manifest, encoded, tmp, classes=classes, seed=seed, samples_per_shard=samples_per_shard, holdout=holdout
         )
-        notes += _shard_problems(info["splits"], classes, val_fraction=val_fraction)
+        notes += _shard_problems(info["splits"], classes, val_fraction=val_fraction, holdout=holdout)
         info.update(
             format_version=FORMAT_VERSION,
             source=str(src.resolve()),
             classes=classes,
             num_classes=len(classes),
+        )
+        if holdout:
+            spec = list(holdout_classes) if isinstance(holdout_classes, (list, tuple)) else holdout_classes
+            info.update(
+                holdout_classes=holdout,
+                holdout={"spec": spec if isinstance(spec, (str, list)) else _plain_number(spec),
+                         "query_fraction": float(query_fraction)},
+            )
+        info.update(
             val_fraction=val_fraction,
             seed=seed,
             preprocess={"image_size": image_size or None, "grayscale": grayscale, "format": "png"},
@@ -544,10 +582,48 @@ def write_shards(
     return dataclasses.replace(ShardInfo.from_json(info, str(out / INFO_NAME)), skipped_files=skipped)
 
 
-def _shard_problems(splits: dict, classes: list[str], *, val_fraction: float) -> list[str]:
+def _plain_number(x: Any) -> int | float:
+    """A numpy or other numbers.Real as a plain JSON number."""
+    return int(x) if _is_int(x) else float(x)
+
+
+def _test_roles(manifest: pd.DataFrame, *, query_fraction: float, seed: int) -> tuple[list, list]:
+    """``(is_query, is_gallery)`` per manifest row: booleans for the written test images, None
+    for every other row (train/val rows have no role; skipped images are in no shard).
+
+    ``query_fraction`` 0: every test image is both (leave-one-out). Otherwise, per held-out
+    class of n readable images, ``round(f*n)`` (at least 1, at most n-1) seeded ones are
+    queries only and the rest gallery only; a single readable image is gallery only (no
+    other image of its class could answer it as a query).
+    """
+    is_query: list = [None] * len(manifest)
+    is_gallery: list = [None] * len(manifest)
+    written = (manifest["split"] == TEST_SPLIT).to_numpy() & (manifest["status"] == "ok").to_numpy()
+    for label, rows in manifest[written].groupby("label", sort=True).indices.items():
+        rows = manifest.index[written][rows].tolist()
+        n = len(rows)
+        if not query_fraction:
+            queries = set(rows)
+        elif n < 2:
+            queries = set()
+        else:
+            n_query = min(max(int(round(query_fraction * n)), 1), n - 1)
+            queries = set(random.Random(f"{seed}-query-{label}").sample(sorted(rows), n_query))
+        for i in rows:
+            is_query[i] = i in queries
+            is_gallery[i] = not query_fraction or i not in queries
+    return is_query, is_gallery
+
+
+def _shard_problems(
+    splits: dict, classes: list[str], *, val_fraction: float, holdout: list[str] | None = None
+) -> list[str]:
     """Warning lines for what the written shards lack: a whole split, the training images of
     a class (the split leaves every class one, so they were all unreadable), the validation
-    images of a class (too few images to spare one, or unreadable)."""
+    images of a class (too few images to spare one, or unreadable); with held-out classes,
+    an empty test split and held-out classes with no or a single readable image (a single
+    one cannot be retrieved: no other gallery image of its class). Held-out classes have no
+    train or val images by design: not a problem."""
     train, val = splits["train"], splits["val"]
     notes = []
     if train["num_samples"] == 0:
@@ -570,6 +646,23 @@ def _shard_problems(splits: dict, classes: list[str], *, val_fraction: float) ->
                 f"{len(unvalidated)} class(es) without a validation image (too few images to spare one, or it is "
                 f"unreadable): {_names(unvalidated)}"
             )
+    if holdout:
+        test = splits[TEST_SPLIT]
+        if test["num_samples"] == 0:
+            notes.append("the test split is empty: no image of the held-out classes was readable (see skipped.csv)")
+        else:
+            missing = [c for c in holdout if test["class_counts"][c] == 0]
+            if missing:
+                notes.append(
+                    f"{len(missing)} held-out class(es) without any readable image, absent from the test split "
+                    f"(see skipped.csv): {_names(missing)}"
+                )
+        single = [c for c in holdout if test["class_counts"][c] == 1]
+        if single:
+            notes.append(
+                f"{len(single)} held-out class(es) with a single readable image, which cannot be retrieved "
+                f"(no other gallery image of its class): {_names(single)}"
+            )
     return notes
 
 
@@ -581,16 +674,18 @@ def _write_split_shards(
     classes: list[str],
     seed: int,
     samples_per_shard: int,
+    holdout: list[str] | None = None,
 ) -> dict:
     import webdataset as wds
 
     splits = {}
-    for split in ("train", "val"):
+    for split in ("train", "val", TEST_SPLIT) if holdout else ("train", "val"):
         rows = [i for i in np.flatnonzero((manifest["split"] == split).to_numpy()) if encoded[i][0] is not None]
         # Shuffle once at write time so every shard mixes classes (P×K batching and
         # per-worker streams then see all classes, not a sorted class range).
         random.Random(f"{seed}-{split}").shuffle(rows)
-        filenames, lengths, sums, counts = [], [], [], {c: 0 for c in classes}
+        split_classes = holdout if split == TEST_SPLIT else classes
+        filenames, lengths, sums, counts = [], [], [], {c: 0 for c in split_classes}
         for n, chunk in enumerate(_chunks(rows, samples_per_shard)):
             name = f"{split}-{n:06d}.tar"
             # An int mtime: a float one makes tarfile add a PAX header to every member,
@@ -619,24 +714,48 @@ def _write_split_shards(
             "sha256": sums,
             "class_counts": counts,
         }
+        if split == TEST_SPLIT:
+            written = sorted(rows)
+            not_query = [manifest.at[i, "key"] for i in written if not manifest.at[i, "is_query"]]
+            not_gallery = [manifest.at[i, "key"] for i in written if not manifest.at[i, "is_gallery"]]
+            splits[split].update(
+                num_queries=len(rows) - len(not_query),
+                num_gallery=len(rows) - len(not_gallery),
+                not_query=not_query,
+                not_gallery=not_gallery,
+            )
     return {"splits": splits}
 
 
 def shard_report_lines(info: ShardInfo, out: str | Path, *, seconds: float | None = None) -> list[str]:
     """The summary to print after :func:`write_shards` returned ``info`` for ``out``.
 
-    Lines: what was written (``seconds`` appended when given); the skipped images (the first
-    10 with their reason); the ignored files counted per reason; one ``warning: ...`` line per
-    problem found while sharding. Works on what :func:`read_info` returns too (without the
-    names of the skipped images).
+    Lines: what was written (``seconds`` appended when given); with held-out classes, the
+    test split (images, classes, shards, queries and gallery images); the skipped images
+    (the first 10 with their reason); the ignored files counted per reason; one ``warning:
+    ...`` line per problem found while sharding. Works on what :func:`read_info` returns too
+    (without the names of the skipped images).
     """
     out = Path(out)
     tr, va = info.splits["train"], info.splits["val"]
     took = f" ({seconds:.1f} s)" if seconds is not None else ""
+    held = f" (+{len(info.holdout_classes)} held out)" if info.holdout_classes else ""
     lines = [
-        f"wrote {out}: {info.num_classes} classes, train {tr.num_samples} images in "
+        f"wrote {out}: {info.num_classes} classes{held}, train {tr.num_samples} images in "
         f"{len(tr.filenames)} shards, val {va.num_samples} in {len(va.filenames)} shards{took}"
     ]
+    test = info.splits.get(TEST_SPLIT)
+    if info.holdout_classes and test is not None:
+        qf = info.holdout.get("query_fraction")
+        if qf:
+            how = f"query_fraction {qf:g}"
+        else:
+            how = "roles as listed in _info.json" if test.not_query or test.not_gallery else "leave-one-out"
+        lines.append(
+            f"{TEST_SPLIT} {test.num_samples} images of {len(info.holdout_classes)} held-out classes "
+            f"({_names(info.holdout_classes)}) in {len(test.filenames)} shards: {test.num_queries} queries, "
+            f"{test.num_gallery} gallery ({how})"
+        )
     if info.skipped:
         lines.append(f"skipped {info.skipped} unreadable images (reasons in {out / 'skipped.csv'}):")
         listed = info.skipped_files[:10]
@@ -657,7 +776,8 @@ def check_trainable(info: ShardInfo, *, folder: str | Path) -> None:
     model, yet could never be learnt); an empty val split (validation needs it). A class
     with training but no validation images only weakens validation: allowed (write_shards
     warned). ``class_counts`` are optional (hand-made shards): without them, per-class
-    counts are not checked.
+    counts are not checked. Held-out classes (``holdout_classes``, in the test split only)
+    are not classes of the model: they have no train or val images by design.
     """
     problems = []
     train, val = info.splits.get("train"), info.splits.get("val")
@@ -683,6 +803,26 @@ class SplitInfo:
     shard_lengths: list[int] = field(default_factory=list)  # samples per shard ([] in hand-made folders)
     sha256: list[str] = field(default_factory=list)
     class_counts: dict[str, int] | None = None  # None: not recorded
+    # Roles of a test split's images (open-metric-learning's is_query / is_gallery): every
+    # image is both, except the keys listed here. Empty for train/val (and leave-one-out).
+    not_query: list[str] = field(default_factory=list)
+    not_gallery: list[str] = field(default_factory=list)
+
+    @property
+    def num_queries(self) -> int:
+        return self.num_samples - len(self.not_query)
+
+    @property
+    def num_gallery(self) -> int:
+        return self.num_samples - len(self.not_gallery)
+
+    def roles(self, keys: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(is_query, is_gallery)``: bool arrays, one entry per sample key in ``keys``."""
+        keys = list(keys)
+        not_query, not_gallery = set(self.not_query), set(self.not_gallery)
+        is_query = np.fromiter((k not in not_query for k in keys), dtype=bool, count=len(keys))
+        is_gallery = np.fromiter((k not in not_gallery for k in keys), dtype=bool, count=len(keys))
+        return is_query, is_gallery
 
 
 @dataclass(frozen=True)
@@ -690,6 +830,8 @@ class ShardInfo:
     """A shard folder's ``_info.json``, checked and typed (what :func:`read_info` returns).
 
     ``skipped_files`` is filled only by :func:`write_shards` (on disk the list is skipped.csv).
+    ``classes`` are the known classes (the model's); ``holdout_classes`` the held-out ones,
+    found only in the test split; labels index :attr:`all_classes`.
     """
 
     classes: list[str]
@@ -704,10 +846,17 @@ class ShardInfo:
     val_fraction: float | None = None
     format_version: int | None = None
     skipped_files: list[tuple[str, str]] = field(default_factory=list, compare=False)  # (path, reason)
+    holdout_classes: list[str] = field(default_factory=list)  # held out whole into the test split (sorted)
+    holdout: dict[str, Any] = field(default_factory=dict)  # {"spec": ..., "query_fraction": f} when classes are held out
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def all_classes(self) -> list[str]:
+        """What a label indexes: the known classes, then the held-out ones."""
+        return [*self.classes, *self.holdout_classes]
 
     @property
     def preprocess(self) -> dict:
@@ -726,6 +875,7 @@ class ShardInfo:
                 name=name, num_samples=int(sp["num_samples"]), filenames=list(sp["filenames"]),
                 shard_lengths=list(sp.get("shard_lengths", [])), sha256=list(sp.get("sha256", [])),
                 class_counts=dict(sp["class_counts"]) if "class_counts" in sp else None,
+                not_query=list(sp.get("not_query", [])), not_gallery=list(sp.get("not_gallery", [])),
             ) for name, sp in info["splits"].items()},
             image_size=pre.get("image_size") or None, grayscale=pre.get("grayscale", True),
             warnings=[str(w) for w in info.get("warnings", []) if isinstance(w, str)],
@@ -735,6 +885,8 @@ class ShardInfo:
             seed=info.get("seed") if _is_int(info.get("seed")) else None,
             val_fraction=info.get("val_fraction") if isinstance(info.get("val_fraction"), float) else None,
             format_version=info.get("format_version") if _is_int(info.get("format_version")) else None,
+            holdout_classes=list(info.get("holdout_classes", [])),
+            holdout=dict(info.get("holdout", {})),
         )
 
     def split(self, name: str, *, folder) -> SplitInfo:
@@ -789,7 +941,11 @@ def _check_info(info: Any, where: str) -> dict:
     ``num_samples`` (int >= 0) and ``filenames`` (shard names as the writer writes them,
     ``<split>-NNNNNN.tar``). Optional, checked when present: ``num_classes``; per split
     ``shard_lengths`` (ints >= 0), ``sha256`` (hex digests), ``class_counts`` ({class: int
-    >= 0}); ``preprocess.image_size`` (None or int >= 0) and ``preprocess.grayscale`` (bool).
+    >= 0}), ``not_query`` / ``not_gallery`` (distinct sample keys ``sNNNNNNNN``, none in both,
+    at most ``num_samples``) and ``num_queries`` / ``num_gallery`` (agreeing with them);
+    ``preprocess.image_size`` (None or int >= 0) and ``preprocess.grayscale`` (bool);
+    ``holdout_classes`` (distinct class names, none of them in ``classes``) and ``holdout``
+    (an object; its ``query_fraction`` a number in [0, 1)).
     """
 
     def bad(key: str, value: Any, expected: str) -> DataError:
@@ -802,6 +958,20 @@ def _check_info(info: Any, where: str) -> dict:
         raise bad("classes", classes, "a list of class names")
     if "num_classes" in info and not _is_count(info["num_classes"]):
         raise bad("num_classes", info["num_classes"], "an int >= 0")
+    holdout = info.get("holdout_classes", [])
+    if not isinstance(holdout, list) or not all(isinstance(c, str) for c in holdout):
+        raise bad("holdout_classes", holdout, "a list of class names")
+    if len(set(holdout)) != len(holdout):
+        raise bad("holdout_classes", holdout, "distinct class names")
+    overlap = sorted(set(holdout) & set(classes))
+    if overlap:
+        raise bad("holdout_classes", holdout, f"names not in classes; {_names(overlap, 3)} is in both")
+    settings = info.get("holdout", {})
+    if not isinstance(settings, dict):
+        raise bad("holdout", settings, "an object")
+    qf = settings.get("query_fraction", 0.0)
+    if isinstance(qf, bool) or not isinstance(qf, (int, float)) or not 0.0 <= qf < 1.0:
+        raise bad("holdout.query_fraction", qf, "a number in [0, 1)")
     splits = info.get("splits")
     if not isinstance(splits, dict):
         raise bad("splits", splits, "an object of splits")
@@ -843,6 +1013,25 @@ def _check_split(split: dict, key: str, bad: Callable[[str, Any, str], DataError
     counts = split.get("class_counts", {})
     if not isinstance(counts, dict) or not all(isinstance(c, str) and _is_count(n) for c, n in counts.items()):
         raise bad(f"{key}.class_counts", counts, "an object of class name: int >= 0")
+    roles = {}
+    for name in ("not_query", "not_gallery"):
+        keys = split.get(name, [])
+        if not isinstance(keys, list):
+            raise bad(f"{key}.{name}", keys, "a list of sample keys like s00000012")
+        for i, k in enumerate(keys):
+            if not (isinstance(k, str) and SAMPLE_KEY.fullmatch(k)):
+                raise bad(f"{key}.{name}[{i}]", k, "a sample key like s00000012")
+        if len(set(keys)) != len(keys):
+            raise bad(f"{key}.{name}", keys, "distinct sample keys")
+        if len(keys) > split["num_samples"]:
+            raise bad(f"{key}.{name}", keys, f"at most num_samples = {split['num_samples']} keys")
+        roles[name] = set(keys)
+    both = sorted(roles["not_query"] & roles["not_gallery"])
+    if both:
+        raise bad(f"{key}.not_gallery", split["not_gallery"], f"keys not also in not_query ({_names(both, 3)} is in both)")
+    for name, listed in (("num_queries", "not_query"), ("num_gallery", "not_gallery")):
+        if name in split and split[name] != split["num_samples"] - len(roles[listed]):
+            raise bad(f"{key}.{name}", split[name], f"num_samples - len({listed}) = {split['num_samples'] - len(roles[listed])}")
 
 
 def verify_shards(folder: str | Path) -> list[str]:

@@ -63,7 +63,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         lengths = sinfo.shard_lengths
         self.shard_lengths = dict(zip(self.urls, lengths)) if len(lengths) == len(self.urls) else {}
         self.num_samples = sinfo.num_samples
-        self.classes = list(info.classes)
+        self.classes = list(info.classes)  # the known classes (the model's)
+        self.all_classes = info.all_classes  # what a label indexes: known, then held-out classes
+        # Train and val hold only known classes; any other split (the test split of held-out
+        # classes) may hold every class. A label beyond that is counted as bad_label.
+        self.num_labels = len(self.classes) if split in ("train", "val") else len(self.all_classes)
         self.split, self.mode = split, mode
         self.rank, self.world_size = rank, world_size
         self.batch_size, self.batching = batch_size, batching
@@ -110,7 +114,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         slot, num_slots = self._slot()
         reader = SlotReader(
-            urls=self.urls, shard_lengths=self.shard_lengths, num_classes=len(self.classes), skips=self._skips,
+            urls=self.urls, shard_lengths=self.shard_lengths, num_classes=self.num_labels, skips=self._skips,
             slot=slot, num_slots=num_slots, shuffle=self.mode == "train", shuffle_buffer=self.shuffle_buffer,
             seed=self.seed, epoch=self.epoch,
         )
