@@ -128,8 +128,19 @@ def search(index, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def nearest(reference, queries, k: int, spec: IndexSpec | None = None, *, device=None) -> tuple[np.ndarray, np.ndarray]:
-    """One-off search of ``queries`` among ``reference`` (exact by default): see :func:`search`."""
-    return search(build_index(reference, spec, device=device), queries, k)
+    """One-off search of ``queries`` among ``reference`` (exact by default): see :func:`search`.
+
+    Both sides are first moved by the reference's mean (computed in float64): distances do
+    not change, but float32 keeps their digits when every embedding sits in one tight cluster
+    (early in training, unit rows within ~1e-4 of each other: ``||q||² + ||t||² − 2q·t``
+    on the raw rows would cancel to round-off and rank at random).
+    """
+    ref = np.asarray(reference.detach().double().cpu() if hasattr(reference, "detach") else reference, dtype=np.float64)
+    qry = np.asarray(queries.detach().double().cpu() if hasattr(queries, "detach") else queries, dtype=np.float64)
+    if ref.ndim == 2 and len(ref):
+        centre = ref.mean(axis=0, keepdims=True)
+        ref, qry = ref - centre, qry - centre
+    return search(build_index(ref, spec, device=device), qry, k)
 
 
 def serialize(index) -> bytes:
