@@ -11,8 +11,15 @@ import pytest
 import torch
 from sklearn.neighbors import KNeighborsClassifier
 
-from toolkit.evaluation import evaluate_embeddings, gather_to_main, retrieval_metrics
+from toolkit.evaluation import evaluate_embeddings, gather_to_main
 from toolkit.knn import knn_accuracy
+from toolkit.retrieval import query_gallery
+
+
+def retrieval_metrics(ref, ref_y, queries, q_y) -> dict:
+    """precision@1 and MAP@R of ``queries`` against ``ref`` as the validator computes them."""
+    m = query_gallery(queries, q_y, ref, ref_y, verification=False).metrics
+    return {"precision_at_1": m["precision_at_1"], "map_at_r": m["map_at_r"]}
 
 
 def blobs(n_per_class: int, num_classes: int, dim: int, *, spread: float, seed: int, centres_seed: int = 0):
@@ -108,8 +115,7 @@ def test_knn_accuracy_with_more_neighbours_than_references():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("block", [4, 1024])
-def test_retrieval_metrics_match_brute_force(seed, block):
+def test_retrieval_metrics_match_brute_force(seed):
     train, train_y = blobs(10, 4, 6, spread=0.6, seed=10 + seed, centres_seed=seed)
     train, train_y = train[:37], train_y[:37]  # unequal class sizes: R differs per class
     val, val_y = blobs(4, 4, 6, spread=0.6, seed=20 + seed, centres_seed=seed)
@@ -117,7 +123,7 @@ def test_retrieval_metrics_match_brute_force(seed, block):
     p1, mapr = brute_force_retrieval(train, train_y, val, val_y)
     assert 0.2 < mapr < 0.95, "toy set should be neither trivial nor hopeless"
 
-    got = retrieval_metrics(torch.from_numpy(train), torch.from_numpy(train_y), torch.from_numpy(val), torch.from_numpy(val_y), block=block)
+    got = retrieval_metrics(torch.from_numpy(train), torch.from_numpy(train_y), torch.from_numpy(val), torch.from_numpy(val_y))
     assert got["precision_at_1"] == pytest.approx(p1, abs=1e-6)
     assert got["map_at_r"] == pytest.approx(mapr, abs=1e-5)
 
@@ -161,7 +167,7 @@ def test_retrieval_metrics_on_tightly_clustered_embeddings():
     assert got["map_at_r"] == pytest.approx(mapr, abs=1e-4)
 
 
-def test_evaluate_embeddings_reports_all_three_metrics():
+def test_evaluate_embeddings_reports_knn_and_ranking_metrics():
     train, train_y = blobs(8, 3, 5, spread=0.3, seed=5)
     val, val_y = blobs(3, 3, 5, spread=0.3, seed=6)
     keys = [f"k{i}" for i in range(len(train_y))]
@@ -170,8 +176,9 @@ def test_evaluate_embeddings_reports_all_three_metrics():
         (keys[: len(val_y)], torch.from_numpy(val), torch.from_numpy(val_y)),
         k=5,
     )
-    assert set(out) == {"knn_accuracy", "precision_at_1", "map_at_r"}
-    assert all(0.0 <= v <= 1.0 for v in out.values())
+    assert {"knn_accuracy", "precision_at_1", "map_at_r", "r_precision", "recall_at_1", "recall_at_5"} <= set(out)
+    assert not any(name.startswith(("fnmr", "roc", "threshold")) for name in out), "no pair metrics on val x train"
+    assert all(0.0 <= out[name] <= 1.0 for name in ("knn_accuracy", "precision_at_1", "map_at_r", "r_precision"))
 
 
 # ----------------------------------------------------------------------------- gather

@@ -84,11 +84,14 @@ def test_predict_reports_bad_files_and_answers_the_rest(tmp_path, tmp_path_facto
     assert answers[1] == {**answers[4], "path": answers[1]["path"]}
 
 
-def test_evaluate_names_the_class_difference(tmp_path, tmp_path_factory):
+def test_evaluate_on_other_classes_is_retrieval_only_and_names_the_difference(tmp_path, tmp_path_factory):
     base = shared_embed_run(tmp_path_factory)
     other = shard(make_separable_folder(tmp_path / "img", per_class=4, classes=("down", "left", "right", "sideways", "zag")), tmp_path / "other")
+    m = evaluate(base["embed"], other)  # any classes: open-set retrieval inside the split, no closed-set accuracy
+    assert m["closed_set"] is False and "knn_accuracy" not in m
+    assert m["retrieval"]["num_queries"] == m["num_samples"] == 5
     with pytest.raises(DataError) as err:
-        evaluate(base["embed"], other)
+        evaluate(base["embed"], other, method="knn")
     msg = str(err.value)
     assert "missing from the model: sideways, zag" in msg
     assert "the model has classes the shards lack: up" in msg

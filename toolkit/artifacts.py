@@ -24,6 +24,7 @@ used only when it is a plain local path (:func:`recorded_shards`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -99,17 +100,22 @@ class EmbedderArtifact:
     # The train split's embeddings and labels, so kNN needs no re-embedding:
     # {"embeddings": (N, D) float16, "labels": (N,) int32}
     index: dict[str, torch.Tensor] | None = None
+    # The "unknown" distance: a query whose nearest reference is farther is of no known class.
+    # {"distance": float, "fmr": float, "num_queries": int, "known_accept_rate": float, ...}
+    unknown: dict[str, Any] | None = None
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, *, config: dict, classes: Sequence[str], metrics: dict, step: int,
-                   index: tuple[torch.Tensor, torch.Tensor] | None = None) -> "EmbedderArtifact":
+                   index: tuple[torch.Tensor, torch.Tensor] | None = None, unknown: dict | None = None) -> "EmbedderArtifact":
         saved = None if index is None else {"embeddings": index[0].half(), "labels": index[1].to(torch.int32)}
-        return cls(_cpu_state(model), dict(config), list(classes), dict(metrics), int(step), saved)
+        return cls(_cpu_state(model), dict(config), list(classes), dict(metrics), int(step), saved,
+                   None if unknown is None else dict(unknown))
 
     def to_payload(self) -> dict:
         payload = {"kind": self.KIND, **_shallow(self)}
-        if self.index is None:
-            del payload["index"]
+        for optional in ("index", "unknown"):
+            if payload[optional] is None:
+                del payload[optional]
         return payload
 
     @classmethod
@@ -124,13 +130,23 @@ class EmbedderArtifact:
         if index is not None and not (isinstance(index, dict) and all(isinstance(index.get(k), torch.Tensor) for k in ("embeddings", "labels"))):
             raise DataError(f"{source}: not a toolkit model file (bad reference index)")
         return cls(payload["model"], payload["config"], list(payload["classes"]), dict(payload.get("metrics") or {}),
-                   int(payload.get("step", 0)), index)
+                   int(payload.get("step", 0)), index, _checked_unknown(payload.get("unknown"), source))
 
     def reference(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The saved train-split index as (embeddings (N, D) float32, labels (N,) long)."""
         if self.index is None:
             raise DataError("this embedder holds no reference index")
         return self.index["embeddings"].float(), self.index["labels"].long()
+
+
+def _checked_unknown(unknown: Any, source) -> dict | None:
+    """The saved "unknown" distance, or None; anything but a finite distance >= 0 and an FMR in (0, 1) is refused."""
+    if unknown is None:
+        return None
+    ok = isinstance(unknown, dict) and all(isinstance(unknown.get(k), float) and math.isfinite(unknown[k]) for k in ("distance", "fmr"))
+    if not ok or unknown["distance"] < 0 or not 0 < unknown["fmr"] < 1:
+        raise DataError(f"{source}: not a toolkit model file (bad unknown-distance record {str(unknown)[:80]!r})")
+    return dict(unknown)
 
 
 @dataclass

@@ -36,6 +36,8 @@ def shard(
     workers: int = 0,
     image_timeout_s: float = 60.0,
     overwrite: bool = False,
+    holdout_classes: str = "",
+    query_fraction: float = 0.0,
 ):
     """Write an image folder (one sub-folder per class) as WebDataset shards.
 
@@ -44,6 +46,13 @@ def shard(
     processes and writes OUT/train-000000.tar ..., OUT/val-000000.tar ..., OUT/_info.json,
     OUT/manifest.csv and OUT/skipped.csv (unreadable images with the reason). Output goes to
     a temporary folder first and is moved into place only when complete.
+
+    Open-set (class-disjoint) evaluation: --holdout_classes puts whole classes, never seen in
+    training, into a third split, OUT/test-000000.tar ...; the other (known) classes are split
+    train/val exactly as without it. _info.json then lists the known classes under "classes"
+    (the model's classes, indices 0..C-1) and the held-out ones under "holdout_classes"
+    (indices C.. after them); the manifest gets is_query / is_gallery columns for the test
+    images (empty for train/val).
 
     Args:
         src: image folder, SRC/<class>/<image>; files without an image extension are ignored (and listed in OUT/ignored.csv).
@@ -56,6 +65,8 @@ def shard(
         workers: preprocessing processes (0 = one per CPU core, at most 8); an image that crashes or hangs its process is skipped and listed, it never stops the run.
         image_timeout_s: seconds one image may take to decode and preprocess before it is skipped (listed in skipped.csv).
         overwrite: replace OUT if it is a shard folder written by `toolkit shard` (or empty); the old one is removed only after the new one is complete. Anything else at OUT, and an OUT inside SRC or holding it, is refused.
+        holdout_classes: classes to hold out whole into the test split (default: none). A fraction in (0, 1) such as 0.2 holds out max(1, round(0.2*C)) of the C classes; an integer such as 2 holds out that many; either way they are picked at random with --seed (same seed, same classes). A comma list such as 8,9 or cat,dog names them (a single class whose name is a number needs a trailing comma: 9,). At least 2 classes must stay known.
+        query_fraction: roles of the test images when retrieving them against each other. 0 (default): every test image is both a query and a gallery image (leave-one-out). A fraction in (0, 1) such as 0.2: per held-out class, round(0.2*n) images (at least 1, at most n-1; picked with --seed) are queries only and the rest are gallery only. Needs --holdout_classes.
     """
     from toolkit.data.shards import write_shards
 
@@ -71,6 +82,8 @@ def shard(
         workers=workers or None,
         image_timeout_s=image_timeout_s,
         overwrite=overwrite,
+        holdout_classes=holdout_classes or None,
+        query_fraction=query_fraction,
     )
     _print_shard_summary(info, out, time.time() - t0)
 
@@ -89,7 +102,8 @@ def shipped_config(*parts: str) -> Path:
     return path
 
 
-def demo(*, shards: str = "shards/digits", runs: str = "runs", overwrite: bool = False, tracker: str = "wandb", epochs: int = 0):
+def demo(*, shards: str = "", runs: str = "runs", overwrite: bool = False, tracker: str = "wandb", epochs: int = 0,
+         holdout_classes: str = ""):
     """Run the whole job on scikit-learn's handwritten digits (1,797 real 8x8 images, no download).
 
     Writes the digits as an image folder in the cache (~/.cache/toolkit/digits or
@@ -99,28 +113,38 @@ def demo(*, shards: str = "shards/digits", runs: str = "runs", overwrite: bool =
     vs head accuracy on the validation split and the paths of the report and plots. W&B logs
     offline unless you are logged in.
 
+    With --holdout_classes 2 (a count, a fraction or a list such as 8,9) those digit classes
+    are held out of training: the embedder learns the others, and the demo ends with the
+    open-set table too: retrieval among the unseen digits, raw pixels vs the embedder, and
+    recognition of known vs unseen digits.
+
     Args:
-        shards: shard folder to write (re-used if complete, unless --overwrite).
-        runs: parent folder of the run folders (runs/digits-embed, ...).
+        shards: shard folder to write (re-used if complete, unless --overwrite); default shards/digits, or shards/digits-open with --holdout_classes.
+        runs: parent folder of the run folders (runs/digits-embed, ...; runs/digits-open-* with --holdout_classes).
         overwrite: rebuild the shards and start the runs afresh.
         tracker: wandb (offline unless logged in) or none.
         epochs: train both stages for this many epochs (0 = the configs' 20 and 8; 1 is a quick check that everything runs).
+        holdout_classes: digit classes to keep out of training, for the open-set table (see `toolkit shard --help`).
     """
     from toolkit.datasets import default_data_dir, write_digits_folder
-    from toolkit.data.shards import INFO_NAME, write_shards
+    from toolkit.data.shards import read_info, write_shards
 
     t0 = time.time()
+    if epochs < 0:
+        raise ConfigError(f"toolkit demo: --epochs must be >= 0, got {epochs}")
+    open_set = bool(holdout_classes)
+    shards = shards or ("shards/digits-open" if open_set else "shards/digits")
     folder = write_digits_folder(default_data_dir())
     print(f"[1/3] digits image folder: {folder}")
-    if overwrite or not (Path(shards) / INFO_NAME).is_file():
-        info = write_shards(folder, shards, image_size=32, overwrite=True)
+    if overwrite or not _demo_shards_reusable(shards, holdout_classes):
+        info = write_shards(folder, shards, image_size=32, overwrite=True, holdout_classes=holdout_classes or None)
         _print_shard_summary(info, shards, time.time() - t0)
     else:
         print(f"re-using shards in {shards} (pass --overwrite to rebuild)")
-    embed_dir, classify_dir = Path(runs) / "digits-embed", Path(runs) / "digits-classify"
+    info = read_info(shards)
+    prefix = "digits-open" if open_set else "digits"
+    embed_dir, classify_dir = Path(runs) / f"{prefix}-embed", Path(runs) / f"{prefix}-classify"
     print(f"[2/3] training the embedder -> {embed_dir}")
-    if epochs < 0:
-        raise ConfigError(f"toolkit demo: --epochs must be >= 0, got {epochs}")
     common = [f"tracker={tracker}", "overwrite=true", *([f"epochs={epochs}", "val_every=1"] if epochs else [])]
     from toolkit.recipes import classify as classify_recipe, embed as embed_recipe
 
@@ -137,19 +161,34 @@ def demo(*, shards: str = "shards/digits", runs: str = "runs", overwrite: bool =
     if rc:
         sys.exit(rc)
     from toolkit.artifacts import REPORT_MD
-    from toolkit.report import load_report
+    from toolkit.report import load_report, open_set_table_lines
 
     report = load_report(classify_dir)
+    known = f", {len(info.classes)} classes trained on" if open_set else ""
     print()
-    print(f"| validation split ({report['num_samples']} images) | accuracy |")
+    print(f"| validation split ({report['num_samples']} images{known}) | accuracy |")
     print("|---|---:|")
     print(f"| kNN (k = {report['knn_k']}) on the embeddings | {report['knn_accuracy']:.4f} |")
     print(f"| classifier head on the frozen embedder | {report['head_accuracy']:.4f} |")
+    if report.get("open_set_section"):
+        print()
+        print("\n".join(open_set_table_lines(report["open_set_section"])))
     print()
     print(f"report: {classify_dir / REPORT_MD}")
     for name, path in sorted(report["plots"].items()):
         print(f"plot {name}: {classify_dir / path}")
     print(f"demo finished in {(time.time() - t0) / 60:.1f} min")
+
+
+def _demo_shards_reusable(shards: str, holdout_classes: str) -> bool:
+    """A complete shard folder written with the same held-out classes request."""
+    from toolkit.data.shards import read_info
+
+    try:
+        info = read_info(shards)
+    except DataError:
+        return False
+    return str(info.holdout.get("spec") or "") == holdout_classes
 
 
 def bench(what: str = "loader", **options):
@@ -177,20 +216,29 @@ def bench(what: str = "loader", **options):
     run_bench(what, **options)
 
 
-def evaluate(run: str, *, shards: str = "", split: str = "val", method: str = "", k: int = 0, device: str = "", workers: int = 2, json: bool = False):
-    """Score a trained run on a shard split: kNN (k = 13) and, for a classifier run, the head.
+def evaluate(run: str, *, shards: str = "", split: str = "val", method: str = "", k: int = 0, threshold: float = -1.0,
+             device: str = "", workers: int = 2, json: bool = False):
+    """Score a trained run on a shard split: closed-set accuracy and open-set retrieval.
 
     RUN is an embedding run folder (or its best_embedder.pt) or a classifier run folder (or
-    its best_head.pt). Prints accuracy per method; --json prints every metric (per-class
-    accuracy included). Fails with one line naming the classes that differ when the shards'
-    classes are not the model's.
+    its best_head.pt). Printed:
+      * closed set, when the split's classes are the model's: kNN (k = 13) accuracy and, for
+        a classifier run, the head's;
+      * retrieval inside the split, any classes (a test split of held-out classes, another
+        data set): each query against the gallery (the roles `toolkit shard` recorded; by
+        default every image, leave-one-out): Recall@1/5/10, precision@k, MAP@R, R-precision,
+        and from all query-gallery pairs FNMR at FMR 1e-2 and 1e-3 and ROC AUC;
+      * on a test split of held-out classes: open-set recognition (known val images vs the
+        unseen ones, "unknown" beyond the embedder's calibrated distance).
+    --json prints every metric (per-class accuracy included).
 
     Args:
         run: run folder or model file.
         shards: shard folder to evaluate (default: the one the embedder was trained on).
-        split: val or train.
-        method: knn, head or both (default: both for a classifier run, knn for an embedding run).
+        split: val, train or test (held-out classes, from `toolkit shard --holdout_classes`).
+        method: knn, head or both (default: both for a classifier run, knn for an embedding run; none on other classes).
         k: neighbours for kNN (default: the embedder's knn_k, 13).
+        threshold: "unknown" distance for open-set recognition (default: the one calibrated and saved with the embedder).
         device: cpu, cuda, cuda:1 ... (default: cuda when available).
         workers: data-loader worker processes.
         json: print the metrics as JSON.
@@ -199,18 +247,42 @@ def evaluate(run: str, *, shards: str = "", split: str = "val", method: str = ""
 
     from toolkit.evaluation import evaluate as evaluate_run
 
-    m = evaluate_run(run, shards or None, split, method or None, k=k or None, device=device or None, num_workers=workers)
+    m = evaluate_run(run, shards or None, split, method or None, k=k or None, threshold=None if threshold < 0 else threshold,
+                     device=device or None, num_workers=workers)
     if json:
         print(_json.dumps(m, indent=2))
         return
-    print(f"{m['split']} split of {m['shards']}: {m['num_samples']} images, {m['num_classes']} classes")
+    print("\n".join(evaluation_lines(m)))
+
+
+def evaluation_lines(m: dict) -> list[str]:
+    """What `toolkit evaluate` prints for the metrics dict of :func:`toolkit.evaluation.evaluate`."""
+    which = "" if m.get("closed_set", True) else f" (classes the model never saw: {', '.join(m.get('classes', [])[:10])})"
+    lines = [f"{m['split']} split of {m['shards']}: {m['num_samples']} images, {m['num_classes']} classes{which}"]
     if "knn_accuracy" in m:
-        print(f"  kNN (k={m['knn_k']}) accuracy {m['knn_accuracy']:.4f}  [{m['knn_reference']}]")
+        lines.append(f"  kNN (k={m['knn_k']}) accuracy {m['knn_accuracy']:.4f}  [{m['knn_reference']}]")
     if "head_accuracy" in m:
-        print(f"  head accuracy      {m['head_accuracy']:.4f}  (NLL {m['head_loss']:.4f})")
+        lines.append(f"  head accuracy      {m['head_accuracy']:.4f}  (NLL {m['head_loss']:.4f})")
+    r = m.get("retrieval")
+    if r:
+        lines.append(f"  retrieval: {r['num_queries']} queries vs {r['num_gallery']} gallery images"
+                     + (f" ({r['queries_without_match']} queries without a match left out)" if r.get("queries_without_match") else ""))
+        lines.append("    " + "  ".join(f"R@{k} {r[f'recall_at_{k}']:.4f}" for k in (1, 5, 10) if f"recall_at_{k}" in r)
+                     + f"  MAP@R {r['map_at_r']:.4f}  R-precision {r['r_precision']:.4f}")
+        if "roc_auc" in r:
+            fnmr = "  ".join(f"FNMR@FMR={f} {r[f'fnmr_at_fmr_{f}']:.4f}" for f in ("0.01", "0.001") if f"fnmr_at_fmr_{f}" in r)
+            lines.append(f"    verification ({r.get('verification_pairs', 0)} pairs): ROC AUC {r['roc_auc']:.4f}  {fnmr}")
+    o = m.get("open_set")
+    if o:
+        lines.append(f"  open set ({o['num_known']} known val images, {o['num_unknown']} unseen; unknown beyond distance {o['threshold']:.4f}):")
+        lines.append(f"    accuracy {o['open_set_accuracy']:.4f}  known correct {o['known_accuracy']:.4f}  "
+                     f"known rejected {o['known_rejected']:.4f}  unseen rejected {o['unknown_rejected']:.4f}  AUROC {o['open_set_auroc']:.4f}")
+    lines += [f"  note: {n}" for n in m.get("notes", [])]
+    return lines
 
 
-def predict(run: str, *images: str, method: str = "knn", k: int = 0, shards: str = "", device: str = "", json: bool = False):
+def predict(run: str, *images: str, method: str = "knn", k: int = 0, shards: str = "", unknown: bool = False,
+            threshold: float = -1.0, device: str = "", json: bool = False):
     """Classify image files with a trained run: one line per image, PATH<TAB>LABEL<TAB>CONFIDENCE.
 
     Images get the shard-time preprocessing of the run's shards, then the model. kNN: majority
@@ -224,6 +296,8 @@ def predict(run: str, *images: str, method: str = "knn", k: int = 0, shards: str
         method: knn or head.
         k: neighbours for kNN (default: the embedder's knn_k, 13).
         shards: shard folder whose preprocessing to use (default: recorded in the run).
+        unknown: answer "unknown" for an image farther from every training embedding than the distance calibrated with the embedder (on val, at its unknown_fmr); adds a DISTANCE column.
+        threshold: the "unknown" distance to use instead of the calibrated one (implies --unknown).
         device: cpu, cuda, ... (default: cuda when available).
         json: print a JSON list of {path, label, confidence} / {path, error}.
     """
@@ -233,12 +307,18 @@ def predict(run: str, *images: str, method: str = "knn", k: int = 0, shards: str
 
     if not images:
         raise ConfigError("toolkit predict: give at least one IMAGE file")
-    answers = predict_images(run, list(images), method=method, k=k or None, shards=shards or None, device=device or None)
+    answers = predict_images(run, list(images), method=method, k=k or None, shards=shards or None,
+                             unknown=unknown or threshold >= 0, threshold=None if threshold < 0 else threshold,
+                             device=device or None)
     if json:
         print(_json.dumps(answers, indent=2))
     else:
         for a in answers:
-            print(f"{a['path']}\terror: {a['error']}" if "error" in a else f"{a['path']}\t{a['label']}\t{a['confidence']:.4f}")
+            if "error" in a:
+                print(f"{a['path']}\terror: {a['error']}")
+            else:
+                extra = f"\t{a['distance']:.4f}" if "distance" in a else ""
+                print(f"{a['path']}\t{a['label']}\t{a['confidence']:.4f}{extra}")
     if any("error" in a for a in answers):
         sys.exit(1)
 

@@ -208,6 +208,17 @@ from dataclasses import dataclass  # noqa: E402
 from typing import ClassVar, Literal, Optional  # noqa: E402
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+# Metrics the validator logs that can choose the best embedder (select_by=). val/: val queries
+# against the train split (closed set); test/: inside a test split of held-out classes
+# (open set, needs `toolkit shard --holdout_classes`). fnmr_* is lower-better, the rest higher.
+SelectBy = Literal[
+    "val/knn_accuracy", "val/precision_at_1", "val/map_at_r", "val/r_precision",
+    "val/recall_at_1", "val/recall_at_5", "val/recall_at_10",
+    "test/recall_at_1", "test/recall_at_5", "test/recall_at_10", "test/precision_at_1", "test/precision_at_5",
+    "test/precision_at_10", "test/map_at_r", "test/r_precision", "test/roc_auc",
+    "test/fnmr_at_fmr_0.01", "test/fnmr_at_fmr_0.001",
+]
+LOWER_IS_BETTER = ("test/fnmr_at_fmr_0.01", "test/fnmr_at_fmr_0.001")
 
 
 @dataclass
@@ -248,6 +259,8 @@ class EmbedConfig:
     val_every: int = 1  # epochs
     knn_k: int = 13
     eval_batch_size: int = 512
+    select_by: SelectBy = "val/knn_accuracy"  # the metric that picks best_embedder.pt (val/map_at_r breaks ties)
+    unknown_fmr: float = 0.01  # false-match rate at which the saved "unknown" distance is calibrated (val vs train)
     # checkpoints
     ckpt_every: int = 0  # steps; 0 = at every validation
     keep_last: int = 3
@@ -275,7 +288,7 @@ class EmbedConfig:
         "max_steps": at_least(0, _INT32), "max_minutes": at_least(0), "val_every": at_least(1, _INT32),
         "knn_k": at_least(1, _INT32), "eval_batch_size": at_least(1, _INT32), "ckpt_every": at_least(0, _INT32),
         "keep_last": at_least(1, _INT32), "seed": at_least(0, MAX_SEED), "log_every": at_least(1, _INT32),
-        "collective_timeout_s": above(0, MAX_COLLECTIVE_TIMEOUT_S),
+        "collective_timeout_s": above(0, MAX_COLLECTIVE_TIMEOUT_S), "unknown_fmr": above(0, 0.5),
     }
 
     def validate(self) -> None:

@@ -8,14 +8,21 @@ classifier report, so all three score the same way.
   eval mode (no DDP, no collectives per batch, so unequal batch counts are fine).
 * :func:`gather_to_main`: one ``gather_object`` brings every share to rank 0, which checks
   for duplicates and sorts by key; :func:`warn_missing` says what could not be read.
-* :func:`evaluate_embeddings`: kNN accuracy (k = 13, :func:`toolkit.knn.knn_accuracy`),
-  precision@1 and MAP@R of val queries against the train split.
-* :func:`run_split` / :func:`evaluate`: the same for a saved run, with the head too.
+* :func:`evaluate_embeddings`: kNN accuracy (k = 13, :func:`toolkit.knn.knn_accuracy`) and
+  the ranking metrics of val queries against the train split (:mod:`toolkit.retrieval`).
+* :func:`split_retrieval`: open-set retrieval inside one split, query vs gallery (the roles
+  ``toolkit shard`` recorded; by default every image is both, leave-one-out): Recall@k,
+  precision@k, MAP@R, R-precision and the verification metrics of all pairs.
+* :func:`run_split` / :func:`evaluate`: all of it for a saved run. Closed-set kNN and head
+  accuracy where the split's classes are the model's; retrieval on any split of any shard
+  folder, whatever its classes; on a ``test`` split of held-out classes, open-set
+  recognition too (known val images against unseen test images, with the embedder's
+  calibrated "unknown" distance).
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -30,6 +37,7 @@ from toolkit.data.stream import ShardStream, make_loader
 from toolkit.data.transforms import to_model_input
 from toolkit.errors import DataError
 from toolkit.knn import knn_accuracy, knn_vote
+from toolkit.retrieval import RetrievalResult, calibrate_unknown, open_set_recognition, query_gallery
 
 @torch.no_grad()
 def embed_split(
@@ -95,40 +103,32 @@ def warn_missing(part, *, expected: int, split: str, print_fn=print) -> int:
     return missing
 
 
-def retrieval_metrics(train_emb, train_labels, val_emb, val_labels, *, block: int = 1024) -> dict[str, float]:
-    """precision@1 and MAP@R of val queries against the train set (Musgrave et al., 2020).
-
-    R = number of train samples sharing the query's class; MAP@R averages, over the first R
-    retrieved items, the precision at each correct one, divided by R. Blockwise: memory is
-    O(block × N_train).
-    """
-    # float64: early in training embeddings sit very close together, and float32 distances
-    # then tie at 0 and make the ranking arbitrary (scikit-learn's kNN does not have that issue).
-    ref = torch.as_tensor(train_emb, dtype=torch.float64)
-    ref_y = torch.as_tensor(train_labels)
-    q_all = torch.as_tensor(val_emb, dtype=torch.float64)
-    q_y_all = torch.as_tensor(val_labels)
-    counts = torch.bincount(ref_y, minlength=int(max(ref_y.max(), q_y_all.max())) + 1)
-    r_max = int(counts.max())
-    p1, mapr = [], []
-    for s in range(0, len(q_all), block):
-        q, qy = q_all[s : s + block], q_y_all[s : s + block]
-        d = torch.cdist(q, ref)  # (b, N)
-        idx = d.topk(min(r_max, ref.shape[0]), dim=1, largest=False).indices  # (b, R_max) nearest first
-        hit = (ref_y[idx] == qy[:, None]).float()  # (b, R_max)
-        r = counts[qy].clamp(min=1)  # (b,)
-        within = (torch.arange(hit.shape[1])[None, :] < r[:, None]).float()
-        hit = hit * within
-        prec_at_i = hit.cumsum(1) / torch.arange(1, hit.shape[1] + 1)[None, :]
-        mapr.append((prec_at_i * hit).sum(1) / r)
-        p1.append(hit[:, 0])
-    return {"precision_at_1": float(torch.cat(p1).mean()), "map_at_r": float(torch.cat(mapr).mean())}
-
-
 def evaluate_embeddings(train, val, *, k: int = 13) -> dict[str, float]:
-    """All validation metrics from assembled (keys, emb, labels) of train and val."""
+    """All validation metrics from assembled (keys, emb, labels) of train and val.
+
+    ``knn_accuracy`` (k nearest train embeddings vote) and the ranking metrics of the val
+    queries against the train gallery (precision@1, MAP@R, R-precision, Recall@k, ...);
+    the pair metrics are left to the open-set split (val × train pairs grow as N²).
+    """
     acc, _ = knn_accuracy(train[1], train[2], val[1], val[2], k=k)
-    return {"knn_accuracy": acc, **retrieval_metrics(train[1], train[2], val[1], val[2])}
+    ranking = query_gallery(val[1], val[2], train[1], train[2], verification=False).metrics
+    return {"knn_accuracy": acc, **{name: v for name, v in ranking.items() if not name.startswith("num_")}}
+
+
+def split_roles(info, split: str, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(is_query, is_gallery) bool arrays for ``keys`` of ``split``, as ``toolkit shard`` recorded them."""
+    return info.split(split, folder="shards").roles(keys)
+
+
+def split_retrieval(emb: torch.Tensor, labels: torch.Tensor, is_query, is_gallery, *, verification: bool = True) -> RetrievalResult:
+    """Open-set retrieval inside one split: its queries against its gallery, each query's own
+    gallery entry left out (leave-one-out when an image is both)."""
+    is_query, is_gallery = np.asarray(is_query, dtype=bool), np.asarray(is_gallery, dtype=bool)
+    q_idx, g_idx = np.flatnonzero(is_query), np.flatnonzero(is_gallery)
+    position = np.full(len(is_gallery), -1, dtype=np.int64)
+    position[g_idx] = np.arange(len(g_idx))  # sample -> its gallery position (-1: not in the gallery)
+    qi, gi = torch.from_numpy(q_idx), torch.from_numpy(g_idx)
+    return query_gallery(emb[qi], labels[qi], emb[gi], labels[gi], query_in_gallery=position[q_idx], verification=verification)
 
 
 @dataclass
@@ -137,27 +137,43 @@ class SplitResult:
 
     shards: str
     split: str
-    classes: list[str]
+    classes: list[str]  # the model's classes (closed-set predictions index these)
     keys: list[str]
     embeddings: torch.Tensor  # (N, D) float32, unit rows
-    labels: torch.Tensor  # (N,) long
+    labels: torch.Tensor  # (N,) long, indices into label_names
     k: int
+    label_names: list[str] = field(default_factory=list)  # the shards' classes, held-out ones included
+    closed_set: bool = True  # the split's classes are the model's: kNN and head accuracy mean something
     knn_reference: str | None = None  # where the kNN votes come from
     knn_pred: torch.Tensor | None = None  # (N,) long
     knn_share: torch.Tensor | None = None  # (N,) vote share of the winner
     head_logp: torch.Tensor | None = None  # (N, C) log-probabilities
+    is_query: np.ndarray | None = None  # (N,) bool: roles in the open-set retrieval
+    is_gallery: np.ndarray | None = None
+    retrieval: RetrievalResult | None = None  # queries vs gallery inside the split
+    open_set: dict | None = None  # known (val) vs unseen (this split) recognition with the "unknown" distance
+    notes: list[str] = field(default_factory=list)
 
     @property
     def head_pred(self) -> torch.Tensor | None:
         return None if self.head_logp is None else self.head_logp.argmax(1)
 
 
-def _resolve_method(run: Run, method: str | None) -> str:
+def _resolve_method(run: Run, method: str | None, *, closed_set: bool) -> str:
     if method is None:
-        return "both" if run.head is not None else "knn"
+        return ("both" if run.head is not None else "knn") if closed_set else "none"
     if method not in ("knn", "head", "both", "none"):
         raise DataError(f"method must be knn, head or both, got {method!r}")
     return method
+
+
+def _is_closed_set(info, split: str, run: Run) -> bool:
+    """True when every class of ``split`` is one of the model's, at the model's index."""
+    if list(info.classes) != run.classes:
+        return False
+    counts = info.split(split, folder="shards").class_counts
+    held_out = set(getattr(info, "holdout_classes", []))
+    return not (counts and any(counts.get(c) for c in held_out)) and not (split == "test" and held_out)
 
 
 def run_split(
@@ -168,21 +184,37 @@ def run_split(
     *,
     k: int | None = None,
     reference: Literal["auto", "index", "train"] = "auto",
+    retrieval: bool = True,
+    threshold: float | None = None,
     device=None,
     batch_size: int = 512,
     num_workers: int = 0,
 ) -> SplitResult:
-    """Embed ``split`` of ``shards`` (default: the embedder's) and score it with kNN and/or the head.
+    """Embed ``split`` of ``shards`` (default: the embedder's) and score it.
 
-    ``method=None`` means both when the run has a head, else kNN; ``"none"`` only embeds.
-    ``reference``: kNN votes against the saved index (``"index"``), the train split of
-    ``shards`` re-embedded (``"train"``), or the index when there is one (``"auto"``).
+    * Closed set (kNN and/or head accuracy) when the split's classes are the model's:
+      ``method=None`` means both when the run has a head, else kNN; on other classes (a
+      held-out ``test`` split, another data set) ``None`` means no closed-set scoring, and
+      asking for ``knn``/``head`` is a one-line error naming the classes that differ.
+      ``"none"`` only embeds. ``reference``: kNN votes against the saved index (``"index"``),
+      the train split of ``shards`` re-embedded (``"train"``), or the index when there is one
+      (``"auto"``).
+    * Open-set retrieval (``retrieval=True``): the split's queries against its gallery
+      (:func:`split_retrieval`), whatever its classes.
+    * Open-set recognition, on a split of held-out classes when the shards also have the
+      model's val split: kNN with the "unknown" distance (``threshold``, default the one
+      calibrated with the embedder) on known val images and the unseen ones.
     """
     run = open_run(run)
-    method = _resolve_method(run, method)
     shards = str(shards) if shards else run.shards()  # default: the folder it was trained on, if local
     info = read_info(shards)
-    check_classes(info.classes, run.classes, shards=shards)
+    info.split(split, folder=shards)
+    closed = _is_closed_set(info, split, run)
+    method = _resolve_method(run, method, closed_set=closed)
+    if method != "none" and not closed:
+        check_classes(info.classes, run.classes, shards=shards)  # names what differs
+        raise DataError(f"{shards}: split {split!r} holds classes the model was not trained on (held out): "
+                        "closed-set kNN/head accuracy needs the model's classes; its retrieval metrics need no method")
     dev = default_device(device)
     model = build_frozen_embedder(run.embedder, dev)
     input_size = run.embedder.config["input_size"]
@@ -199,7 +231,8 @@ def run_split(
 
     keys, emb, labels = embed(split)  # (N,), (N, D), (N,)
     k = int(k or run.embedder.config.get("knn_k", 13))
-    result = SplitResult(shards=shards, split=split, classes=run.classes, keys=keys, embeddings=emb, labels=labels, k=k)
+    result = SplitResult(shards=shards, split=split, classes=run.classes, keys=keys, embeddings=emb, labels=labels, k=k,
+                         label_names=list(getattr(info, "all_classes", info.classes)), closed_set=closed)
     if method in ("knn", "both"):
         if reference == "index" and not run.has_index:
             raise DataError(f"{run.embedder_path} holds no reference index: use reference=train")
@@ -215,7 +248,31 @@ def run_split(
         with torch.no_grad():
             chunks = [head(emb[s : s + 4096].to(dev)).cpu() for s in range(0, len(emb), 4096)]  # (b, C) each
         result.head_logp = torch.cat(chunks) if chunks else torch.zeros(0, len(run.classes))
+    if retrieval and len(keys):
+        result.is_query, result.is_gallery = split_roles(info, split, keys)
+        result.retrieval = split_retrieval(emb, labels, result.is_query, result.is_gallery)
+    if retrieval and not closed and len(keys):
+        result.open_set = _open_set(run, info, shards, split, embed, emb, labels, threshold=threshold, k=k, notes=result.notes)
     return result
+
+
+def _open_set(run: Run, info, shards: str, split: str, embed, emb, labels, *, threshold, k: int, notes: list) -> dict | None:
+    """Known (val) vs unseen (``split``'s images of classes outside the model's) recognition."""
+    if "val" not in info.splits or list(info.classes) != run.classes or not run.has_index:
+        notes.append("open-set recognition needs the model's val split in the same shards and the embedder's reference index")
+        return None
+    if threshold is None:
+        saved = run.embedder.unknown
+        if saved is None:
+            notes.append(f"open-set recognition skipped: {run.embedder_path.name} has no calibrated unknown distance "
+                         "(pass threshold=)")
+            return None
+        threshold = float(saved["distance"])
+    unseen = labels >= len(run.classes)  # held-out classes sit after the model's in the label list
+    _, val_emb, val_y = embed("val")
+    ref, ref_y = run.embedder.reference()
+    out = open_set_recognition(ref, ref_y, val_emb, val_y, emb[unseen], threshold=float(threshold), k=k)
+    return {"threshold": float(threshold), **out}
 
 
 def per_class_accuracy(pred: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, float | None]:
@@ -229,7 +286,12 @@ def per_class_accuracy(pred: torch.Tensor, labels: torch.Tensor, classes: list[s
 
 def split_metrics(result: SplitResult) -> dict:
     """Plain-number metrics of a :class:`SplitResult` (JSON-ready)."""
-    m: dict = {"shards": result.shards, "split": result.split, "num_samples": len(result.keys), "num_classes": len(result.classes)}
+    present = sorted({result.label_names[i] for i in result.labels.unique().tolist()}) if result.label_names else []
+    m: dict = {"shards": result.shards, "split": result.split, "num_samples": len(result.keys),
+               "num_classes": len(present) if not result.closed_set else len(result.classes),
+               "closed_set": result.closed_set}
+    if not result.closed_set:
+        m["classes"] = present
     y = result.labels
     if result.knn_pred is not None:
         m["knn_k"] = result.k
@@ -240,16 +302,56 @@ def split_metrics(result: SplitResult) -> dict:
         m["head_accuracy"] = float((result.head_pred == y).float().mean())
         m["head_loss"] = float(F.nll_loss(result.head_logp, y)) if len(y) else float("nan")
         m["head_per_class"] = per_class_accuracy(result.head_pred, y, result.classes)
+    if result.retrieval is not None:
+        m["retrieval"] = dict(result.retrieval.metrics)
+    if result.open_set is not None:
+        m["open_set"] = dict(result.open_set)
+    if result.notes:
+        m["notes"] = list(result.notes)
     return m
 
 
 def evaluate(run, shards: str | Path | None = None, split: str = "val", method: str | None = None, **options) -> dict:
-    """Accuracy of kNN and/or the head on ``split`` of ``shards`` -> metrics dict.
+    """Metrics of ``split`` of ``shards`` for a saved run -> JSON-ready dict.
 
-    Takes :func:`run_split`'s arguments (``k``, ``reference``, ``device``, ``batch_size``,
-    ``num_workers`` as keywords).
-    Keys: shards, split, num_samples, num_classes; knn_k, knn_reference, knn_accuracy,
-    knn_per_class (with kNN); head_accuracy, head_loss (NLL), head_per_class (with a head).
-    Raises DataError naming the difference when the shards' classes are not the model's.
+    Takes :func:`run_split`'s arguments (``k``, ``reference``, ``retrieval``, ``threshold``,
+    ``device``, ``batch_size``, ``num_workers`` as keywords).
+    Keys: shards, split, num_samples, num_classes, closed_set; knn_k, knn_reference,
+    knn_accuracy, knn_per_class (closed set, kNN); head_accuracy, head_loss (NLL),
+    head_per_class (closed set, with a head); ``retrieval`` (query vs gallery metrics, any
+    classes); ``open_set`` (held-out classes: known vs unseen recognition).
     """
     return split_metrics(run_split(run, shards, split, method, **options))
+
+
+def raw_pixel_embeddings(shards: str, split: str, *, batch_size: int = 512, num_workers: int = 0):
+    """The baseline every embedder must beat: each image's pixels as one L2-normalised vector.
+
+    Returns (keys sorted, (N, C·H·W) float32 unit rows, labels), images as the model sees
+    them before the network (``to_model_input`` at their stored size).
+    """
+    stream = ShardStream(shards, split=split, mode="eval", batch_size=batch_size)
+    keys, rows, labels = [], [], []
+    for k, images, y in make_loader(stream, num_workers=num_workers):
+        x = to_model_input(images, input_size=images.shape[-1]).flatten(1)  # (b, C·H·W)
+        keys.extend(k)
+        rows.append(F.normalize(x, dim=1))
+        labels.append(y)
+    order = torch.from_numpy(np.argsort(np.asarray(keys)))
+    return [keys[i] for i in order], torch.cat(rows)[order], torch.cat(labels)[order]
+
+
+def images_by_key(shards: str, split: str, keys, *, batch_size: int = 512) -> dict[str, torch.Tensor]:
+    """The stored images (C, H, W) uint8 of ``keys`` in ``split`` (a pass over the split; for plots)."""
+    wanted, found = set(keys), {}
+    for k, images, _ in make_loader(ShardStream(shards, split=split, mode="eval", batch_size=batch_size), num_workers=0):
+        for key, img in zip(k, images):
+            if key in wanted:
+                found[key] = img.clone()
+    return found
+
+
+def calibrated_unknown(train, val, *, fmr: float) -> dict:
+    """The "unknown" distance saved with an embedder: calibrated on the val queries against the
+    train references (assembled (keys, emb, labels) each) at the false-match rate ``fmr``."""
+    return {**calibrate_unknown(train[1], train[2], val[1], val[2], fmr=fmr), "calibrated_on": "val queries vs train references"}

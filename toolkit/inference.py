@@ -24,6 +24,7 @@ from toolkit.data.transforms import to_model_input
 from toolkit.errors import DataError
 from toolkit.evaluation import run_split
 from toolkit.knn import knn_vote
+from toolkit.search import nearest
 
 __all__ = ["export", "export_paths", "predict", "preprocess_params"]
 
@@ -61,6 +62,8 @@ def predict(
     *,
     k: int | None = None,
     shards: str | Path | None = None,
+    unknown: bool = False,
+    threshold: float | None = None,
     device=None,
     batch_size: int = 256,
 ) -> list[dict]:
@@ -69,18 +72,29 @@ def predict(
     ``{"path", "label", "confidence"}`` (kNN: vote share of the k = 13 nearest saved train
     embeddings; head: softmax probability), or ``{"path", "error"}`` for a missing or
     unreadable file -- the other files still get answers.
+
+    ``unknown=True`` (opt-in) answers ``label: "unknown"`` for an image whose nearest saved
+    train embedding is farther than the embedder's calibrated "unknown" distance (or
+    ``threshold``); each answer then also carries ``distance`` (to that nearest embedding)
+    and ``threshold``.
     """
     if method not in ("knn", "head"):
         raise DataError(f"method must be knn or head, got {method!r}")
     run = open_run(run)
     dev = default_device(device)
-    if method == "knn" and not run.has_index:
-        raise DataError(f"{run.embedder_path} holds no reference index for kNN; use method=head")
+    if (method == "knn" or unknown) and not run.has_index:
+        raise DataError(f"{run.embedder_path} holds no reference index for kNN or the unknown test; use method=head")
+    if unknown and threshold is None:
+        if run.embedder.unknown is None:
+            raise DataError(f"{run.embedder_path} has no calibrated unknown distance (saved before it existed): pass threshold=")
+        threshold = float(run.embedder.unknown["distance"])
+    if threshold is not None and not (np.isfinite(threshold) and threshold >= 0):
+        raise DataError(f"threshold must be a distance >= 0, got {threshold}")
     pre = preprocess_params(run, shards)
     model = build_frozen_embedder(run.embedder, dev)
     input_size = run.embedder.config["input_size"]
     head = load_head(run, dev)[0] if method == "head" else None
-    if method == "knn":
+    if method == "knn" or unknown:
         ref, ref_y = run.embedder.reference()  # (N, D) saved train embeddings, (N,) labels
         ref = ref.to(dev)
         k = int(k or run.embedder.config.get("knn_k", 13))
@@ -108,6 +122,13 @@ def predict(
                 pred, conf = knn_vote(ref, ref_y, emb, k=k)  # vote share
         for (i, _), p, c in zip(chunk, pred.tolist(), conf.tolist()):
             out[i].update(label=classes[p], confidence=float(c))
+        if unknown:
+            dist2, _ = nearest(ref, emb, 1)  # (b, 1) squared distance to the nearest train embedding
+            for (i, _), d2 in zip(chunk, dist2[:, 0].tolist()):
+                d = float(np.sqrt(max(d2, 0.0)))
+                out[i].update(distance=d, threshold=float(threshold))
+                if d > threshold:
+                    out[i]["label"] = "unknown"
     return out
 
 

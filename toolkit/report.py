@@ -9,9 +9,15 @@ Writes into the classifier run folder::
     plots/curves_classify.png  classifier: train vs val NLL and accuracy per epoch
     plots/confusion.png        row-normalised confusion matrices, kNN and head
     plots/projection.png       2-D PCA (or t-SNE) of the val embeddings, coloured by class
+    plots/worst_queries.png    open set (shards with a test split of held-out classes): the
+                               queries retrieved worst, each with its top 5, matches framed
+
+With a test split of held-out classes the report also holds the open-set table: retrieval
+among the unseen classes (Recall@k, MAP@R, R-precision, ROC AUC, FNMR at FMR) for raw
+pixels and for the embedder side by side, and open-set recognition (known vs unseen).
 
 Plots use matplotlib's object API (``Figure`` + Agg canvas): no pyplot, no global backend
-switch, safe in a training process. With a W&B tracker the PNGs are logged as images too.
+switch, safe in a training process. With a W&B tracker the PNGs are logged as images and the open-set table as a table too.
 """
 from __future__ import annotations
 
@@ -24,7 +30,8 @@ import torch
 
 from toolkit.files import atomic_write_json, atomic_write_text
 from toolkit.artifacts import HEAD_FILE, METRICS_FILE, PLOTS_DIR, REPORT_JSON, REPORT_MD, open_run
-from toolkit.evaluation import SplitResult, run_split, split_metrics
+from toolkit.data.shards import read_info
+from toolkit.evaluation import SplitResult, images_by_key, raw_pixel_embeddings, run_split, split_metrics, split_retrieval
 from toolkit.tracking import read_metrics
 
 __all__ = ["confusion_matrix", "confused_pairs", "load_report", "project_2d", "write_report"]
@@ -175,6 +182,115 @@ def plot_projection(xy: np.ndarray, labels, classes: list[str], path: Path, *, t
     return _save(fig, path)
 
 
+def plot_worst_queries(rows: list[dict], images: dict, path: Path, *, title: str) -> Path:
+    """One row per query: the query, then its nearest gallery images framed green (same
+    class) or red. ``rows``: [{"key", "label", "ap", "neighbours": [{"key", "label", "distance"}]}]."""
+    cols = 1 + max((len(r["neighbours"]) for r in rows), default=0)
+    fig = _figure(1.4 * cols, 1.5 * max(1, len(rows)) + 0.4)
+    axes = np.array(fig.subplots(max(1, len(rows)), cols, squeeze=False))
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set_visible(False)
+    for i, row in enumerate(rows):
+        cells = [(row["key"], f"query {row['label']}\nAP@R {row['ap']:.2f}", "black")]
+        cells += [(n["key"], f"{n['label']} d={n['distance']:.2f}", "tab:green" if n["label"] == row["label"] else "tab:red")
+                  for n in row["neighbours"]]
+        for j, (key, text, colour) in enumerate(cells):
+            ax = axes[i, j]
+            img = images.get(key)
+            if img is not None:
+                arr = img.permute(1, 2, 0).numpy()
+                ax.imshow(arr[:, :, 0] if arr.shape[2] == 1 else arr, cmap="gray", vmin=0, vmax=255)
+            ax.set_title(text, fontsize=7, color=colour if j else "black")
+            for side in ax.spines.values():
+                side.set_visible(j > 0)
+                side.set_color(colour)
+                side.set_linewidth(3)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- open set
+
+
+OPEN_SET_COLUMNS = ("recall_at_1", "recall_at_5", "recall_at_10", "map_at_r", "r_precision", "roc_auc", "fnmr_at_fmr_0.01")
+
+
+def open_set_section(run, shards: str, *, split: str = "test", k: int | None = None, device=None, batch_size: int = 512,
+                     num_workers: int = 0, worst: int = 8, top: int = 5) -> tuple[dict, list[dict], dict]:
+    """The open-set part of a report on ``split`` (held-out classes) of ``shards``.
+
+    Returns ``(section, worst_rows, images)``: ``section`` = {"split", "num_images",
+    "classes", "rows": {"raw pixels": metrics, "embedder": metrics}, "open_set": recognition
+    metrics or None}; the ``worst`` queries by AP@R with their ``top`` neighbours, and the
+    stored images those rows show.
+    """
+    res = run_split(run, shards, split, "none", k=k, device=device, batch_size=batch_size, num_workers=num_workers)
+    names = res.label_names
+    pix_keys, pix, pix_y = raw_pixel_embeddings(shards, split, batch_size=batch_size, num_workers=num_workers)
+    if pix_keys != res.keys:
+        raise RuntimeError("raw pixels and embeddings read different samples")
+    raw = split_retrieval(pix, pix_y, res.is_query, res.is_gallery)
+    section = {
+        "split": split, "num_images": len(res.keys), "classes": sorted({names[i] for i in res.labels.tolist()}),
+        "rows": {"raw pixels": dict(raw.metrics), "embedder": dict(res.retrieval.metrics)}, "open_set": res.open_set,
+        "notes": list(res.notes),
+    }
+    r = res.retrieval
+    q_idx, g_idx = np.flatnonzero(res.is_query), np.flatnonzero(res.is_gallery)
+    candidates = [i for i in np.argsort(np.nan_to_num(r.ap, nan=np.inf), kind="stable") if r.has_match[i]][:worst]
+    rows = []
+    for qi in candidates:
+        sample = q_idx[qi]
+        nbrs = [(int(g), float(d)) for g, d in zip(r.topk[qi][:top], r.topk_dist[qi][:top]) if g >= 0]
+        rows.append({
+            "key": res.keys[sample], "label": names[int(res.labels[sample])], "ap": float(r.ap[qi]),
+            "neighbours": [{"key": res.keys[g_idx[g]], "label": names[int(res.labels[g_idx[g]])], "distance": d} for g, d in nbrs],
+        })
+    wanted = {row["key"] for row in rows} | {n["key"] for row in rows for n in row["neighbours"]}
+    return section, rows, images_by_key(shards, split, wanted, batch_size=batch_size)
+
+
+OPEN_SET_HEADS = {"recall_at_1": "R@1", "recall_at_5": "R@5", "recall_at_10": "R@10", "map_at_r": "MAP@R",
+                  "r_precision": "R-prec.", "roc_auc": "ROC AUC", "fnmr_at_fmr_0.01": "FNMR@FMR=1e-2"}
+
+
+def open_set_table_lines(section: dict) -> list[str]:
+    """The open-set table (markdown): raw pixels vs the embedder on the unseen classes, then
+    the recognition line. What the report and ``toolkit demo --holdout_classes`` print."""
+    lines = [
+        f"| unseen classes ({', '.join(section['classes'][:12])}{' ...' if len(section['classes']) > 12 else ''}; "
+        f"{section['num_images']} images) | " + " | ".join(OPEN_SET_HEADS[c] for c in OPEN_SET_COLUMNS) + " |",
+        "| --- |" + " ---: |" * len(OPEN_SET_COLUMNS),
+    ]
+    for name, m in section["rows"].items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(c)) for c in OPEN_SET_COLUMNS) + " |")
+    o = section.get("open_set")
+    if o:
+        lines += [
+            "",
+            f"Open-set recognition ({o['num_known']} known val images, {o['num_unknown']} unseen; \"unknown\" beyond "
+            f"distance {o['threshold']:.4f}): accuracy {_fmt(o['open_set_accuracy'])}, known correct "
+            f"{_fmt(o['known_accuracy'])}, known rejected {_fmt(o['known_rejected'])}, unseen rejected "
+            f"{_fmt(o['unknown_rejected'])}, AUROC known vs unseen {_fmt(o['open_set_auroc'])}.",
+        ]
+    return lines
+
+
+def _open_set_markdown(section: dict) -> list[str]:
+    lines = [
+        f"## Open set: {len(section['classes'])} classes never trained on",
+        "",
+        f"Split `{section['split']}`: each query against the rest of the gallery (its own image left out).",
+        "",
+        *open_set_table_lines(section),
+    ]
+    lines += [f"- {n}" for n in section.get("notes", [])]
+    return lines + [""]
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -209,6 +325,8 @@ def _markdown(rep: dict) -> str:
         lines += [f"| {p['true']} | {p['predicted']} | {p['knn']} | {p['head']} |" for p in rep["confused_pairs"]]
     else:
         lines.append("None: every validation image is classified correctly by both.")
+    if rep.get("open_set_section"):
+        lines += [""] + _open_set_markdown(rep["open_set_section"])
     lines += ["", "## Plots", ""]
     for name, rel in rep["plots"].items():
         lines += [f"### {name}", "", f"![{name}]({rel})", ""]
@@ -261,6 +379,15 @@ def write_report(
     title = f"{split} embeddings, {projection.upper()} (colour = class)"
     plots["projection"] = plot_projection(xy, y, classes, plots_dir / "projection.png", title=title)
 
+    section = None
+    if "test" in read_info(res.shards).splits:
+        section, worst_rows, images = open_set_section(run, res.shards, k=k, device=device, batch_size=batch_size,
+                                                       num_workers=num_workers)
+        if worst_rows:
+            plots["worst_queries"] = plot_worst_queries(
+                worst_rows, images, plots_dir / "worst_queries.png",
+                title=f"unseen classes: the {len(worst_rows)} queries retrieved worst (green = same class)")
+
     emb_metrics = run.embedder.metrics
     rep = {
         "run_dir": str(run_dir),
@@ -285,6 +412,7 @@ def write_report(
         "confusion": {name: mat.tolist() for name, mat in matrices.items()},
         "plots": {name: str(p.relative_to(run_dir)) for name, p in plots.items()},
         "notes": notes,
+        "open_set_section": section,
     }
     atomic_write_json(run_dir / REPORT_JSON, rep)
     atomic_write_text(run_dir / REPORT_MD, _markdown(rep))
@@ -292,6 +420,9 @@ def write_report(
         for name, p in plots.items():
             tracker.log_image(f"report/{name}", p)
         tracker.summary({"report/knn_accuracy": rep["knn_accuracy"], "report/head_accuracy": rep["head_accuracy"]})
+        if section is not None:
+            tracker.log_table("report/open_set", ["embeddings", *OPEN_SET_COLUMNS],
+                              [[name, *(m.get(c) for c in OPEN_SET_COLUMNS)] for name, m in section["rows"].items()])
     return rep
 
 

@@ -15,18 +15,19 @@ from __future__ import annotations
 import math
 import os
 import random
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from toolkit.config import ClassifyConfig, EmbedConfig, _field_types
+from toolkit.config import ClassifyConfig, EmbedConfig, SelectBy, _field_types
 from toolkit.errors import ConfigError
 from toolkit.data.location import from_file_message, is_local_location
 
 # What each stage's validator logs (metric names a sweep may optimise).
 STAGES = {
-    "embed": (EmbedConfig, ("val/knn_accuracy", "val/best_knn_accuracy", "val/precision_at_1", "val/map_at_r")),
+    "embed": (EmbedConfig, ("val/best_knn_accuracy", *typing.get_args(SelectBy))),  # test/...: with held-out classes
     "classify": (ClassifyConfig, ("val/accuracy", "val/best_accuracy", "val/loss")),
 }
 

@@ -136,6 +136,9 @@ class NullTracker:
     def log_image(self, key: str, png_path, step: int | None = None) -> None:
         pass
 
+    def log_table(self, key: str, columns: list[str], rows: list[list], step: int | None = None) -> None:
+        pass
+
     def finish(self) -> None:
         pass
 
@@ -254,6 +257,16 @@ class Tracker(NullTracker):
         # with smaller steps would be dropped; pinning it keeps steps monotonic.
         kwargs = {} if step is None else {"step": step}
         self._run.log({key: wandb.Image(str(png_path))}, **kwargs)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list], step: int | None = None) -> None:
+        """Log a table (e.g. the report's open-set metrics) to W&B at ``step`` (default: the last logged)."""
+        if self._run is None:
+            return
+        import wandb
+
+        step = self._last_step if step is None else int(step)
+        kwargs = {} if step is None else {"step": step}
+        self._run.log({key: wandb.Table(columns=list(columns), data=[[_plain(v) for v in row] for row in rows])}, **kwargs)
 
     def finish(self, exit_code: int | None = None) -> None:
         """Close metrics.jsonl and finish the W&B run; safe to call twice."""

@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, str] = {
     "mining": "toolkit.bench.mining",  # semi-hard mining: toolkit vs pytorch-metric-learning
     "knn": "toolkit.bench.knn",  # validation kNN(13): blockwise torch vs scikit-learn, same predictions
     "scaling": "toolkit.bench.scaling",  # one vs two gloo processes: ms per step phase, images/s
+    "openset": "toolkit.bench.openset",  # unseen classes: raw pixels vs a 5-minute embedder, retrieval metrics
     "gpu": "toolkit.bench.gpu",  # seed net at 220 on CUDA: images/s, share of peak FLOP/s (skips on CPU)
 }
 

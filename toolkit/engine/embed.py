@@ -23,13 +23,15 @@ import torch
 from toolkit.artifacts import CHECKPOINTS_DIR, EMBEDDER_FILE, EmbedderArtifact, run_outputs_in
 from toolkit.checkpoint import CheckpointManager, capture_rng, restore_rng
 from toolkit.files import atomic_torch_save
-from toolkit.config import EmbedConfig
+from toolkit.config import LOWER_IS_BETTER, EmbedConfig
 from toolkit.errors import ConfigError, NonFiniteLossError
 from toolkit.data.shards import ShardInfo, read_info
 from toolkit.distributed import all_gather_object, any_rank, from_main
 from toolkit.data.stream import ShardStream, make_loader
 from toolkit.data.transforms import random_affine, to_model_input
-from toolkit.evaluation import embed_split, evaluate_embeddings, gather_to_main, warn_missing
+from toolkit.evaluation import (
+    calibrated_unknown, embed_split, evaluate_embeddings, gather_to_main, split_retrieval, split_roles, warn_missing,
+)
 from toolkit.losses import distributed_triplet_loss
 from toolkit.models import build_embedder
 from toolkit.progress import progress
@@ -121,6 +123,13 @@ def check_run_dir(cfg: EmbedConfig) -> None:
         raise ConfigError(refuse_existing_message(cfg.run_dir, found))
 
 
+def check_select_by(cfg: EmbedConfig, info: ShardInfo) -> None:
+    """A test/ metric can choose the best embedder only when the shards have a test split."""
+    if cfg.select_by.startswith("test/") and "test" not in info.splits:
+        raise ConfigError(f"select_by={cfg.select_by} needs a test split of held-out classes in {cfg.shards} "
+                          "(toolkit shard --holdout_classes ...)")
+
+
 @dataclass
 class TrainState:
     """Where a run is, besides weights and optimiser: what a checkpoint restores."""
@@ -128,8 +137,9 @@ class TrainState:
     step: int = 0  # optimiser steps taken
     epoch: int = 0  # full epochs done
     epoch_step: int = 0  # batches of the current epoch consumed (a mid-epoch resume replays up to here)
-    best: float = -1.0  # best val kNN accuracy so far
-    best_map: float = -1.0  # its MAP@R (breaks accuracy ties)
+    best: float = -math.inf  # best value of select_by so far (negated when lower is better)
+    best_map: float = -1.0  # its val MAP@R (breaks ties: accuracy often saturates on easy data)
+    best_knn: float = -1.0  # val kNN accuracy of the saved best embedder
     # What the last checkpoint written holds: a state already on disk is not saved again, but
     # one that moved since (a validation raised `best`, a batch was skipped) is.
     saved: dict | None = field(default=None, repr=False, compare=False)
@@ -140,6 +150,7 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         self.step, self.epoch, self.epoch_step = int(state["step"]), int(state["epoch"]), int(state["epoch_step"])
         self.best, self.best_map = float(state["best"]), float(state.get("best_map", -1.0))
+        self.best_knn = float(state.get("best_knn", self.best))
         self.saved = self.state_dict()
 
 
@@ -200,14 +211,26 @@ def save_checkpoint(ckpts: CheckpointManager, state: TrainState, *, model, optim
     accelerator.wait_for_everyone()
 
 
-def validate(model, state: TrainState, *, cfg: EmbedConfig, info: ShardInfo, accelerator, tracker) -> dict:
-    """Every rank embeds its share of train and val; rank 0 scores kNN, keeps the best embedder, logs.
+def selection_score(metrics: dict, select_by: str) -> float:
+    """``metrics[select_by]`` as a higher-is-better score (-inf when it could not be computed)."""
+    value = float(metrics.get(select_by, math.nan))
+    if math.isnan(value):
+        return -math.inf
+    return -value if select_by in LOWER_IS_BETTER else value
 
-    Returns the metrics on rank 0 (``{}`` elsewhere); ``state.best`` moves when val improves.
+
+def validate(model, state: TrainState, *, cfg: EmbedConfig, info: ShardInfo, accelerator, tracker) -> dict:
+    """Every rank embeds its share of train, val (and test); rank 0 scores, keeps the best embedder, logs.
+
+    val/: kNN accuracy and ranking metrics of the val queries against the train split. test/
+    (when the shards hold a split of held-out classes): open-set retrieval inside it, query
+    vs gallery. The best embedder (by ``select_by``, val MAP@R breaking ties) is saved with
+    the train embeddings as its kNN index and the "unknown" distance calibrated on val.
+    Returns the metrics on rank 0 (``{}`` elsewhere); ``state.best`` moves when it improves.
     """
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     parts = {}
-    for split in ("train", "val"):
+    for split in ("train", "val", "test") if "test" in info.splits else ("train", "val"):
         local = embed_split(
             model, shards=cfg.shards, split=split, rank=rank, world_size=world, device=accelerator.device,
             input_size=cfg.input_size, batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers,
@@ -219,25 +242,33 @@ def validate(model, state: TrainState, *, cfg: EmbedConfig, info: ShardInfo, acc
     metrics: dict = {}
     if main:
         metrics = {f"val/{k}": v for k, v in evaluate_embeddings(parts["train"], parts["val"], k=cfg.knn_k).items()}
+        if "test" in parts and len(parts["test"][0]):
+            keys, emb, labels = parts["test"]
+            found = split_retrieval(emb, labels, *split_roles(info, "test", keys)).metrics
+            metrics.update({f"test/{k}": v for k, v in found.items()})
         metrics["epoch"] = state.epoch
-        # kNN accuracy first; MAP@R breaks ties (accuracy often saturates on easy data).
-        improved = (metrics["val/knn_accuracy"], metrics["val/map_at_r"]) > (state.best, state.best_map)
+        score = selection_score(metrics, cfg.select_by)
+        improved = (score, metrics["val/map_at_r"]) > (state.best, state.best_map)
         if improved:
-            state.best, state.best_map = metrics["val/knn_accuracy"], metrics["val/map_at_r"]
+            state.best, state.best_map, state.best_knn = score, metrics["val/map_at_r"], metrics["val/knn_accuracy"]
             index = (parts["train"][1], parts["train"][2])
+            unknown = calibrated_unknown(parts["train"], parts["val"], fmr=cfg.unknown_fmr)
             saved = EmbedderArtifact.from_model(model, config=asdict(cfg), classes=info.classes, metrics=metrics,
-                                                step=state.step, index=index)
+                                                step=state.step, index=index, unknown=unknown)
             atomic_torch_save(saved.to_payload(), Path(cfg.run_dir) / EMBEDDER_FILE)
-        metrics["val/best_knn_accuracy"] = state.best
+        metrics["val/best_knn_accuracy"] = state.best_knn
+        metrics[f"best/{cfg.select_by}"] = -state.best if cfg.select_by in LOWER_IS_BETTER else state.best
         tracker.log(metrics, step=state.step)
+        chosen = "" if cfg.select_by == "val/knn_accuracy" else f", {cfg.select_by} {metrics.get(cfg.select_by, math.nan):.4f}"
+        unseen = f", unseen classes R@1 {metrics['test/recall_at_1']:.4f}" if "test/recall_at_1" in metrics else ""
         accelerator.print(
             f"step {state.step} epoch {state.epoch}: kNN@{cfg.knn_k} val acc {metrics['val/knn_accuracy']:.4f} "
-            f"(best {state.best:.4f}{', saved' if improved else ''}), P@1 {metrics['val/precision_at_1']:.4f}, "
-            f"MAP@R {metrics['val/map_at_r']:.4f}"
+            f"(best {state.best_knn:.4f}{', saved' if improved else ''}), P@1 {metrics['val/precision_at_1']:.4f}, "
+            f"MAP@R {metrics['val/map_at_r']:.4f}{unseen}{chosen}"
         )
     # Every rank keeps the same TrainState (save_checkpoint decides on it alike); the broadcast
     # is also the barrier that holds the others while rank 0 scores.
-    state.best, state.best_map = from_main((state.best, state.best_map), accelerator.device)
+    state.best, state.best_map, state.best_knn = from_main((state.best, state.best_map, state.best_knn), accelerator.device)
     return metrics
 
 
@@ -246,6 +277,7 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
     device, world, main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
     run_dir = Path(cfg.run_dir)
     info = read_info(cfg.shards)
+    check_select_by(cfg, info)
     in_channels = 1 if info.grayscale else 3
 
     # --- setup: data, model, optimiser ------------------------------------------------------
@@ -342,7 +374,8 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
     bar.close()
     save()  # a run that had nothing left to do (resumed at its end) still leaves its checkpoint
     summary = {
-        "best_knn_accuracy": state.best, "steps": state.step, "epochs": state.epoch,
+        "best_knn_accuracy": state.best_knn, "steps": state.step, "epochs": state.epoch,
+        f"best/{cfg.select_by}": -state.best if cfg.select_by in LOWER_IS_BETTER else state.best,
         "minutes": (time.time() - start) / 60, "skipped_samples": skipped_data,
     }
     if main:

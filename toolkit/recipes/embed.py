@@ -23,13 +23,14 @@ def main(argv: list[str]) -> int:
         cfg = config_from_argv(EmbedConfig, argv)
         from toolkit.data.shards import check_trainable, read_info
         from toolkit.data.stream import pk_shape
-        from toolkit.engine.embed import check_run_dir
+        from toolkit.engine.embed import check_run_dir, check_select_by
         from toolkit.sweep import trial_run_dir
 
         cfg.run_dir = trial_run_dir(cfg.run_dir)  # before the check: a sweep trial gets its own folder
         info = read_info(cfg.shards)
         check_trainable(info, folder=cfg.shards)  # e.g. a class without train images: refused now, not after an epoch
         check_run_dir(cfg)
+        check_select_by(cfg, info)
         if cfg.batching == "pk":
             pk_shape(batch_size=cfg.batch_size, K=cfg.K, P=cfg.P, num_classes=info.num_classes)
     except (ConfigError, DataError) as exc:

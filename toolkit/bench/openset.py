@@ -1,0 +1,115 @@
+"""``toolkit bench openset``: retrieval on classes never trained on, raw pixels vs a trained embedder.
+
+The 62-class character folder (:func:`toolkit.datasets.write_chars_folder`) is sharded with
+``--holdout_classes N`` (default 12: their images form the ``test`` split, seeded); the
+embedder is trained on the other classes with ``configs/embed/fast.yaml`` for ``--minutes``
+on ``--processes`` CPU processes, started as the README starts them (``accelerate launch
+--config_file configs/accelerate/cpu2.yaml launch/embed.py ...``). Then, side by side on the
+same samples:
+
+* open set, inside the test split (every image a query against the others, leave-one-out):
+  Recall@1/5/10, MAP@R, R-precision, ROC AUC and FNMR at FMR = 1e-2 of all pairs;
+* closed set (for reference): kNN (k = 13) accuracy of the val split against train.
+
+for raw pixels (each image's normalised pixels as one unit vector) and for the embedder.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from toolkit.bench import data_root, log, require_ints, write_json
+from toolkit.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+COLUMNS = ("recall_at_1", "recall_at_5", "recall_at_10", "map_at_r", "r_precision", "roc_auc", "fnmr_at_fmr_0.01")
+
+
+def _shards(per_class: int, holdout: int, seed: int) -> Path:
+    from toolkit.data.shards import INFO_NAME, read_info, write_shards
+    from toolkit.datasets import write_chars_folder
+
+    root, _ = data_root()
+    folder = write_chars_folder(root / f"chars-{per_class}", per_class=per_class, seed=seed, progress=True)
+    shards = root / f"chars-{per_class}-holdout-{holdout}-seed-{seed}"
+    if not (shards / INFO_NAME).is_file() or len(read_info(shards).holdout_classes) != holdout:
+        log(f"sharding {folder} -> {shards} ({holdout} classes held out)")
+        write_shards(folder, shards, image_size=32, seed=seed, holdout_classes=holdout, overwrite=True)
+    return shards
+
+
+def _train(shards: Path, run_dir: Path, *, minutes: float, processes: int) -> float:
+    script = ROOT / "launch" / "embed.py"
+    if not script.is_file():
+        raise ConfigError(f"toolkit bench openset: needs a checkout (launch/embed.py not found under {ROOT})")
+    config = ROOT / "configs" / "embed" / "fast.yaml"
+    launcher = ["--config_file", str(ROOT / "configs" / "accelerate" / "cpu2.yaml")] if processes == 2 else (
+        ["--cpu", "--num_processes", "1"] if processes == 1 else
+        ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1"])
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, str(script), "--config", str(config),
+           f"shards={shards}", f"run_dir={run_dir}", f"max_minutes={minutes}", "epochs=1000", "tracker=none",
+           "overwrite=true", "progress=false"]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1")
+    log("training: " + " ".join(cmd[3:]))
+    t0 = time.time()
+    done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode:
+        raise RuntimeError(f"training failed (exit {done.returncode}):\n{done.stdout[-3000:]}")
+    for line in done.stdout.splitlines():
+        if "kNN@" in line or line.startswith("done:"):
+            log("  " + line.strip())
+    return (time.time() - t0) / 60
+
+
+def main(*, holdout: int = 12, per_class: int = 120, minutes: float = 5.0, processes: int = 2, seed: int = 0,
+         out: str = "") -> dict:
+    require_ints("openset", [("holdout", holdout, 1), ("per_class", per_class, 4), ("processes", processes, 1),
+                             ("seed", seed, 0)])
+    if not minutes > 0:
+        raise ConfigError(f"toolkit bench openset: --minutes must be > 0, got {minutes}")
+    from toolkit.data.shards import read_info
+    from toolkit.evaluation import evaluate, raw_pixel_embeddings, split_retrieval, split_roles
+    from toolkit.knn import knn_accuracy
+
+    shards = _shards(per_class, holdout, seed)
+    info = read_info(shards)
+    rows = {}
+    keys, pix, y = raw_pixel_embeddings(str(shards), "test")
+    raw = dict(split_retrieval(pix, y, *split_roles(info, "test", keys)).metrics)
+    _, tr, tr_y = raw_pixel_embeddings(str(shards), "train")
+    _, va, va_y = raw_pixel_embeddings(str(shards), "val")
+    raw["knn_accuracy"], _ = knn_accuracy(tr, tr_y, va, va_y, k=13)
+    rows["raw pixels"] = raw
+
+    root, _ = data_root()
+    run_dir = root / f"openset-run-{holdout}"
+    took = _train(shards, run_dir, minutes=minutes, processes=processes)
+    test = evaluate(run_dir, str(shards), "test", num_workers=0)
+    val = evaluate(run_dir, str(shards), "val", "knn", num_workers=0)
+    trained = dict(test["retrieval"])
+    trained["knn_accuracy"] = val["knn_accuracy"]
+    name = f"fast.yaml, {minutes:g} min, {processes} CPU processes"
+    rows[name] = trained
+
+    heads = ["R@1", "R@5", "R@10", "MAP@R", "R-prec.", "ROC AUC", "FNMR@FMR=1e-2"]
+    print(f"\nopen set: {len(info.holdout_classes)} held-out classes ({', '.join(info.holdout_classes)}), "
+          f"{test['num_samples']} test images, leave-one-out; closed set: {len(info.classes)} classes, "
+          f"val {info.splits['val'].num_samples} vs train {info.splits['train'].num_samples}; training took {took:.1f} min wall\n")
+    print("| embeddings | " + " | ".join(heads) + " | closed-set kNN(13) val acc |")
+    print("| --- |" + " ---: |" * (len(heads) + 1))
+    for label, m in rows.items():
+        print(f"| {label} | " + " | ".join(f"{m[c]:.4f}" for c in COLUMNS) + f" | {m['knn_accuracy']:.4f} |")
+    gain = rows[name]["recall_at_1"] - raw["recall_at_1"]
+    print(f"\nunseen-class Recall@1: embedder - raw pixels = {gain:+.4f} (target >= +0.15)")
+    if test.get("open_set"):
+        o = test["open_set"]
+        print(f"open-set recognition (unknown beyond {o['threshold']:.4f}): accuracy {o['open_set_accuracy']:.4f}, "
+              f"known rejected {o['known_rejected']:.4f}, unseen rejected {o['unknown_rejected']:.4f}, AUROC {o['open_set_auroc']:.4f}")
+    report = {"shards": str(shards), "holdout_classes": info.holdout_classes, "minutes": minutes, "processes": processes,
+              "rows": rows, "open_set": test.get("open_set"), "recall_at_1_gain": gain}
+    if out:
+        write_json(out, report)
+    return report
