@@ -3,9 +3,12 @@
 Commands:
   shard     image folder -> WebDataset shards (+ manifest, skipped/ignored lists, _info.json)
   demo      the whole job on scikit-learn's handwritten digits: shard, embed, classify, report
-  evaluate  kNN (and head) accuracy of a trained run on a shard split
-  predict   label + confidence for image files
+  evaluate  accuracy (kNN, head) and open-set retrieval metrics of a trained run on a shard split
+  predict   label + confidence for image files ("unknown" beyond the calibrated distance: --unknown)
   export    embeddings of a split as a table + .npy arrays
+  index     embed a gallery (shards or an image folder) into a saved faiss index
+  index-add add images to an index without re-embedding the others
+  search    nearest gallery images of query images (+ a PNG grid)
   sweep     W&B sweeps over the launch scripts (or --local / --dry_run offline)
   bench     benchmarks that print both sides of a comparison in one run
 
@@ -345,6 +348,106 @@ def export(run: str, *, out: str, shards: str = "", split: str = "val", device: 
     print(f"exported {n} {split} embeddings: {files['table']} (+ {files['embeddings'].name}, {files['keys'].name}, {files['labels'].name})")
 
 
+def index(run: str, gallery: str, *, out: str, split: str = "all", kind: str = "flat", nlist: int = 0, nprobe: int = 16,
+          hnsw_m: int = 32, ef_search: int = 128, shards: str = "", device: str = "", workers: int = 0,
+          overwrite: bool = False):
+    """Embed a gallery with a trained run and save a faiss index for `toolkit search`.
+
+    GALLERY is a shard folder (its splits, labels and original paths) or a plain image folder
+    (GALLERY/<class>/<image>, or images directly in it: no label), preprocessed exactly as
+    the run's shards were. OUT is a folder: index.faiss (faiss's own format), vectors.npy
+    (the embeddings: images can be added later without re-embedding the others),
+    items.csv (position, key, path, label) and meta.json (embedder path + sha256,
+    preprocessing, index kind). Unreadable images are skipped and listed.
+    Add images later with `toolkit index-add OUT IMAGE_OR_FOLDER...`.
+
+    Args:
+        run: embedding or classifier run folder (or model file) whose embedder to use.
+        gallery: shard folder or image folder.
+        out: index folder to write (must not exist unless --overwrite).
+        split: shard galleries: all (every split), or a name or comma list (train,val,test).
+        kind: flat (exact, the default), ivf (clustered, approximate; for large galleries) or hnsw (graph, approximate).
+        nlist: ivf cells (0 = about 4 sqrt(N)).
+        nprobe: ivf cells searched per query.
+        hnsw_m: hnsw links per node.
+        ef_search: hnsw candidate list length when searching.
+        shards: image galleries: shard folder whose preprocessing to use (default: the run's).
+        device: embedding device: cpu, cuda, ... (default: cuda when available).
+        workers: data-loader worker processes (shard galleries).
+        overwrite: replace OUT if it is an index folder written by `toolkit index` (or empty); nothing else is replaced.
+    """
+    from toolkit.gallery import build_index, format_index_info
+    from toolkit.search import IndexSpec
+
+    spec = IndexSpec(kind=kind, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search)
+    info = build_index(run, gallery, out, split=split, spec=spec, shards=shards or None, device=device or None,
+                       num_workers=workers, overwrite=overwrite)
+    print("\n".join(format_index_info(info)))
+
+
+def index_add(index: str, *images: str, run: str = "", device: str = ""):
+    """Add images to an index folder written by `toolkit index`; only the new images are embedded.
+
+    Each IMAGE is an image file (no label) or an image folder (FOLDER/<class>/<image>, label =
+    class folder). The embedder recorded in the index is used (its sha256 must match; --run
+    names it if it moved). Images already in the index, missing and unreadable files are
+    listed and not added. The index folder is rewritten atomically.
+
+    Args:
+        index: index folder.
+        images: image files or image folders.
+        run: the embedder to use instead of the recorded one (a run folder or model file).
+        device: cpu, cuda, ... (default: cuda when available).
+    """
+    from toolkit.gallery import add_to_index
+
+    if not images:
+        raise ConfigError("toolkit index-add: give at least one IMAGE file or folder")
+    skipped: list = []
+    added = 0
+    files = [p for p in images if not Path(p).is_dir()]
+    for folder in (p for p in images if Path(p).is_dir()):
+        added += add_to_index(index, folder, run=run or None, device=device or None, skipped=skipped)
+    if files:
+        added += add_to_index(index, files, run=run or None, device=device or None, skipped=skipped)
+    print(f"added {added} images to {index}")
+    for path, reason in skipped:
+        print(f"  not added: {path}: {reason}")
+
+
+def search(index: str, *images: str, k: int = 5, grid: str = "", run: str = "", device: str = "", json: bool = False):
+    """The K nearest gallery images of each query image in an index folder (`toolkit index`).
+
+    Prints, per query, its path then one line per neighbour: RANK<TAB>DISTANCE<TAB>LABEL<TAB>PATH
+    (Euclidean distance between the embeddings, nearest first). --grid writes a PNG: one row per
+    query, the query then its neighbours, framed green when the neighbour's label is the
+    query's class folder name, red otherwise. A missing or unreadable query file gets
+    `error: REASON`, the others are still answered, and the exit status is 1.
+
+    Args:
+        index: index folder.
+        images: query image files.
+        k: neighbours per query.
+        grid: PNG file to write the grid of queries and neighbours to.
+        run: the embedder to use instead of the one the index records.
+        device: cpu, cuda, ... (default: cuda when available).
+        json: print a JSON list of {path, neighbours: [{path, label, key, distance}]} / {path, error}.
+    """
+    import json as _json
+
+    from toolkit.gallery import format_search, load_index, search_images, write_search_grid
+
+    if not images:
+        raise ConfigError("toolkit search: give at least one IMAGE file")
+    gi = load_index(index)
+    results = search_images(gi, list(images), k=k, run=run or None, device=device or None)
+    print(_json.dumps(results, indent=2) if json else "\n".join(format_search(results)))
+    if grid:
+        print(f"grid: {write_search_grid(results, grid, index_dir=gi)}", file=sys.stderr if json else sys.stdout)
+    if any("error" in r for r in results):
+        sys.exit(1)
+
+
 def sweep(
     file: str,
     *,
@@ -392,7 +495,7 @@ def sweep(
 
 COMMANDS = {
     "shard": shard, "demo": demo, "evaluate": evaluate, "predict": predict, "export": export,
-    "sweep": sweep, "bench": bench,
+    "index": index, "index-add": index_add, "search": search, "sweep": sweep, "bench": bench,
 }
 
 

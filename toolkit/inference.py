@@ -26,7 +26,7 @@ from toolkit.evaluation import run_split
 from toolkit.knn import knn_vote
 from toolkit.search import nearest
 
-__all__ = ["export", "export_paths", "predict", "preprocess_params"]
+__all__ = ["export", "export_paths", "predict", "preprocess_params", "read_image"]
 
 
 # --------------------------------------------------------------------------- predict
@@ -47,7 +47,8 @@ def preprocess_params(run: Run, shards: str | Path | None = None) -> dict:
         ) from None
 
 
-def _read_image(path: str, pre: dict) -> torch.Tensor:
+def read_image(path: str, pre: dict) -> torch.Tensor:
+    """An image file as the model's shards hold it: shard-time preprocessing ``pre``, (C, H, W) uint8."""
     img = load_and_preprocess(path, image_size=pre.get("image_size"), grayscale=pre.get("grayscale", True))
     arr = np.array(img)  # (H, W) or (H, W, 3) uint8, as decode_sample reads the shard PNG
     if arr.ndim == 2:
@@ -106,7 +107,7 @@ def predict(
             out[i]["error"] = "no such file"
             continue
         try:
-            good.append((i, _read_image(str(p), pre)))
+            good.append((i, read_image(str(p), pre)))
         except Exception as exc:  # noqa: BLE001 - any decode failure is reported for this file only
             out[i]["error"] = f"not a readable image ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
     classes = run.classes

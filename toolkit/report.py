@@ -195,7 +195,7 @@ def plot_worst_queries(rows: list[dict], images: dict, path: Path, *, title: str
             side.set_visible(False)
     for i, row in enumerate(rows):
         cells = [(row["key"], f"query {row['label']}\nAP@R {row['ap']:.2f}", "black")]
-        cells += [(n["key"], f"{n['label']} d={n['distance']:.2f}", "tab:green" if n["label"] == row["label"] else "tab:red")
+        cells += [(n["key"], f"{n['label']} d={n['distance']:.3f}", "tab:green" if n["label"] == row["label"] else "tab:red")
                   for n in row["neighbours"]]
         for j, (key, text, colour) in enumerate(cells):
             ax = axes[i, j]
