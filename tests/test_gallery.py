@@ -326,3 +326,38 @@ def test_search_reports_bad_files_and_draws_a_grid(base, small_index, tmp_path):
         pixels = np.array(im.convert("RGB")).reshape(-1, 3)
     assert (pixels == (0, 128, 0)).all(1).sum() == 0 and (pixels == (255, 0, 0)).all(1).sum() > 100
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_command_line_index_search_and_add(base, tmp_path):
+    """`toolkit index`, `toolkit search --grid` and `toolkit index-add`, as a user types them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    toolkit = str(Path(sys.executable).with_name("toolkit"))
+
+    def run(*args):
+        return subprocess.run([toolkit, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+    out = tmp_path / "gallery"
+    built = run("index", base["embed"], base["shards"], "--out", out, "--split", "train")
+    assert built.returncode == 0, built.stderr
+    assert f"into {out}" in built.stdout and "[flat, 32-d]" in built.stdout
+    query = sorted((base["images"] / "up").glob("*.png"))[0]
+    found = run("search", out, query, "--k", "3", "--grid", tmp_path / "hits.png")
+    assert found.returncode == 0, found.stderr
+    lines = found.stdout.splitlines()
+    assert lines[0] == str(query) and lines[1].split("\t")[2] == "up"
+    with Image.open(tmp_path / "hits.png") as im:
+        assert im.size[0] > 200
+    new = tmp_path / "new.png"
+    shutil.copy(sorted((base["images"] / "left").glob("*.png"))[0], new)
+    added = run("index-add", out, new, tmp_path / "missing.png")
+    assert added.returncode == 0, added.stderr
+    assert f"added 1 images to {out}" in added.stdout and "missing.png" in added.stdout
+    again = run("search", out, new, tmp_path / "missing.png", "--k", "1", "--json")
+    assert again.returncode == 1, "a missing query file is an error line and exit 1, the others are answered"
+    answers = json.loads(again.stdout)
+    assert answers[0]["neighbours"][0]["path"] == str(new.resolve()) and "error" in answers[1]
+    bad = run("index", base["embed"], base["shards"], "--out", tmp_path / "g2", "--kind", "annoy")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: index kind must be one of")
