@@ -51,6 +51,20 @@ def gather_object_to_main(obj: Any) -> list[Any] | None:
     return parts if dist.get_rank() == 0 else None
 
 
+def buffers_from_main(module: torch.nn.Module) -> None:
+    """Overwrite every buffer of ``module`` (BatchNorm running statistics) with rank 0's, in place.
+
+    Each rank updates its BatchNorm statistics from its own batches; DDP re-broadcasts rank
+    0's only at the start of the next training forward. Before every rank embeds its share
+    of a split in eval mode, the statistics must be rank 0's (the ones the saved model
+    holds), or the shares are embedded by slightly different models.
+    """
+    if not is_distributed():
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf.data, src=0)
+
+
 def from_main(obj: Any, device) -> Any:
     """``obj`` as rank 0 has it, on every rank (the broadcast is also a barrier)."""
     if not is_distributed():

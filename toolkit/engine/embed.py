@@ -26,7 +26,7 @@ from toolkit.files import atomic_torch_save
 from toolkit.config import LOWER_IS_BETTER, EmbedConfig
 from toolkit.errors import ConfigError, NonFiniteLossError
 from toolkit.data.shards import ShardInfo, read_info
-from toolkit.distributed import all_gather_object, any_rank, from_main
+from toolkit.distributed import all_gather_object, any_rank, buffers_from_main, from_main
 from toolkit.data.stream import ShardStream, make_loader
 from toolkit.data.transforms import random_affine, to_model_input
 from toolkit.evaluation import (
@@ -229,6 +229,7 @@ def validate(model, state: TrainState, *, cfg: EmbedConfig, info: ShardInfo, acc
     Returns the metrics on rank 0 (``{}`` elsewhere); ``state.best`` moves when it improves.
     """
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    buffers_from_main(model)  # every share embedded by the model rank 0 saves (its BatchNorm statistics)
     parts = {}
     for split in ("train", "val", "test") if "test" in info.splits else ("train", "val"):
         local = embed_split(
