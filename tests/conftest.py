@@ -52,6 +52,19 @@ def make_image_folder(
     return root
 
 
+def write_shards_quietly(src, out, **kw):
+    """``write_shards`` with one worker, no progress bar and its warnings silenced (tests assert on the result)."""
+    import warnings
+
+    from toolkit.data.shards import write_shards
+
+    kw.setdefault("workers", 1)
+    kw.setdefault("progress", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return write_shards(src, out, **kw)
+
+
 def png_bytes(value: int, size: int = 4) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.full((size, size), value % 256, dtype=np.uint8), mode="L").save(buf, format="PNG")

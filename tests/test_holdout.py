@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import make_image_folder, read_tar_samples
+from conftest import make_image_folder, read_tar_samples, write_shards_quietly
 from toolkit.cli import main as cli_main
 from toolkit.data.folder import class_disjoint_split, list_image_folder, parse_holdout, stratified_split
 from toolkit.data.shards import (
@@ -22,12 +22,7 @@ SIZES = {"a": 12, "b": 9, "c": 10, "d": 8, "8": 7, "9": 6}
 CLASSES = sorted(SIZES)  # ['8', '9', 'a', 'b', 'c', 'd']
 
 
-def _write(src, out, **kw):
-    kw.setdefault("workers", 1)
-    kw.setdefault("progress", False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return write_shards(src, out, **kw)
+_write = write_shards_quietly
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,12 @@ import json
 import os
 import signal
 import time
-import warnings
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import craft_shards, make_image_folder
+from conftest import craft_shards, make_image_folder, write_shards_quietly
 from toolkit.errors import DataError
 from toolkit.data.shards import (
     _encode_one,
@@ -25,12 +24,7 @@ from toolkit.data.shards import (
 )
 
 
-def _write(src, out, **kw):
-    kw.setdefault("workers", 1)
-    kw.setdefault("progress", False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return write_shards(src, out, **kw)
+_write = write_shards_quietly
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:

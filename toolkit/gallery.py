@@ -43,7 +43,6 @@ preprocessed PNG), when the recorded shard folder is a local path.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -67,7 +66,10 @@ from toolkit.data.shards import INFO_NAME, read_info
 from toolkit.data.transforms import to_model_input
 from toolkit.errors import DataError
 from toolkit.evaluation import embed_split
-from toolkit.files import atomic_write, atomic_write_json, atomic_write_text, new_temp_folder, rename_onto_new
+from toolkit.files import (
+    OwnedFolder, atomic_write, atomic_write_json, atomic_write_text, check_apart, check_replaceable, move_into_place,
+    new_temp_folder, sha256_file,
+)
 from toolkit.inference import read_image, preprocess_params
 from toolkit.progress import progress as progress_bar
 
@@ -140,14 +142,6 @@ def format_index_info(info: IndexInfo, *, max_skipped: int = 10) -> list[str]:
 
 def _now() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _one_line(exc: BaseException, limit: int = 200) -> str:
@@ -321,85 +315,32 @@ def _is_index_meta(path: Path) -> bool:
     return isinstance(meta, dict) and meta.get("kind") == KIND
 
 
-def _why_not_index(folder: Path) -> str | None:
-    """Why ``folder`` is not ours to replace, or None: empty, or an index folder holding only our files."""
-    if folder.is_symlink():
-        return "is a symbolic link (give the folder it points to)"
-    if not folder.is_dir():
-        return "is not a folder"
-    try:
-        names = sorted(os.listdir(folder))
-    except OSError as exc:
-        return f"cannot be read ({exc.strerror})"
-    if not names:
+# What overwrite may replace: an empty folder or one holding nothing but the four files as
+# regular files, with our meta.json (the rules: toolkit.files, "output folders").
+INDEX_FOLDER = OwnedFolder(
+    what="an index folder",
+    writer="`toolkit index`",
+    marker=META_FILE,
+    is_marker=_is_index_meta,
+    owns=lambda name: name in INDEX_FILES,
+    writing="the index was being written",
+    previous="the previous index",
+    overwrite_hint="overwrite (--overwrite)",
+    brief=_brief,
+)
+
+
+def _still_the_one_read(out: Path, expect_meta: bytes | None):
+    """``check_old`` for :func:`toolkit.files.move_into_place`: the index moved aside still has the
+    ``meta.json`` that was read (``expect_meta``; None: no check), else nothing is replaced."""
+    if expect_meta is None:
         return None
-    if not _is_index_meta(folder / META_FILE):
-        return f"is not an index folder (no {META_FILE} written by `toolkit index`)"
-    foreign = [n for n in names if n not in INDEX_FILES or (folder / n).is_symlink() or not (folder / n).is_file()]
-    if foreign:
-        return f"holds files `toolkit index` did not write ({_brief(foreign)})"
-    return None
 
+    def check(old: Path) -> None:
+        if (old / META_FILE).read_bytes() != expect_meta:
+            raise DataError(f"{out} was changed by someone else meanwhile: nothing added (run it again)")
 
-def _check_replaceable(out: Path, *, overwrite: bool, shown: Path | None = None) -> None:
-    if not os.path.lexists(out):
-        return
-    why = _why_not_index(out)
-    if why:
-        raise DataError(f"{shown or out} exists and {why}: refusing to replace it")
-    if not overwrite:
-        raise DataError(f"{shown or out} already exists: pass overwrite (--overwrite) to replace it")
-
-
-def _put_back(old: Path, out: Path) -> None:
-    try:
-        os.rename(old, out)
-    except OSError:
-        raise DataError(f"{out} changed while the index was being written: its previous content is in {old}") from None
-
-
-def _remove_index_files(folder: Path) -> None:
-    try:
-        for path in folder.iterdir():
-            if path.name in INDEX_FILES and path.is_file() and not path.is_symlink():
-                path.unlink()
-        folder.rmdir()
-    except OSError as exc:
-        warnings.warn(f"the previous index was kept in {folder}: {exc.strerror}", stacklevel=4)
-
-
-def _move_into_place(tmp: Path, out: Path, *, replace: bool, expect_meta: bytes | None = None) -> None:
-    """Rename the finished ``tmp`` to ``out``. With ``replace`` the old index is moved aside, checked
-    again where it now lies (and, with ``expect_meta``, still the one that was read), and removed
-    only once the new one is in place; it is put back on any failure."""
-    old = None
-    if replace and os.path.lexists(out):
-        _check_replaceable(out, overwrite=True)
-        old = out.with_name(f".{out.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
-        try:
-            os.rename(out, old)
-        except FileNotFoundError:
-            old = None
-        if old is not None:
-            try:
-                _check_replaceable(old, overwrite=True, shown=out)
-                if expect_meta is not None and (old / META_FILE).read_bytes() != expect_meta:
-                    raise DataError(f"{out} was changed by someone else meanwhile: nothing added (run it again)")
-            except BaseException:
-                _put_back(old, out)
-                raise
-    try:
-        rename_onto_new(tmp, out)
-    except FileExistsError:
-        if old is not None:
-            _put_back(old, out)
-        raise DataError(f"{out} appeared while the index was being written: not replaced") from None
-    except BaseException:
-        if old is not None:
-            _put_back(old, out)
-        raise
-    if old is not None:
-        _remove_index_files(old)
+    return check
 
 
 def _write_folder(out: Path, *, meta: dict, items: list[tuple[str, str, str]], vectors: np.ndarray, index,
@@ -416,19 +357,15 @@ def _write_folder(out: Path, *, meta: dict, items: list[tuple[str, str, str]], v
         data = faiss_search.serialize(index)
         atomic_write(tmp / INDEX_FILE, lambda f: f.write(data))
         atomic_write_json(tmp / META_FILE, meta)
-        _move_into_place(tmp, out, replace=replace, expect_meta=expect_meta)
+        # The old index is moved aside, checked again where it now lies (and, with expect_meta,
+        # still the one that was read), removed only once the new one is in place, put back on any failure.
+        move_into_place(tmp, out, INDEX_FOLDER, overwrite=replace, check_old=_still_the_one_read(out, expect_meta))
     except BaseException:
         for path in tmp.iterdir() if tmp.is_dir() else ():
             path.unlink()
         if tmp.is_dir():
             tmp.rmdir()
         raise
-
-
-def _check_apart(src: Path, out: Path) -> None:
-    s, o = Path(os.path.realpath(src)), Path(os.path.realpath(out))
-    if o == s or o in s.parents or s in o.parents:
-        raise DataError(f"{out} is, contains or lies inside the gallery {src}: write the index somewhere else")
 
 
 # --------------------------------------------------------------------------- build
@@ -460,14 +397,14 @@ def build_index(
     if not isinstance(spec, faiss_search.IndexSpec):
         raise DataError(f"spec must be an IndexSpec, got {type(spec).__name__}")
     out = Path(out)
-    _check_replaceable(out, overwrite=overwrite)  # fail before the embedding, not after
+    check_replaceable(out, INDEX_FOLDER, overwrite=overwrite)  # fail before the embedding, not after
     run = open_run(run)
     dev = default_device(device)
     model = build_frozen_embedder(run.embedder, dev)
     input_size = run.embedder.config["input_size"]
     is_shards = is_remote(gallery) or (Path(gallery) / INFO_NAME).is_file()
     if not is_remote(gallery):
-        _check_apart(Path(gallery), out)
+        check_apart(Path(gallery), out, what_src="gallery", advice="write the index somewhere else", say_which=False)
     if is_shards:
         location = str(gallery) if is_remote(gallery) else os.path.abspath(gallery)
         items, vectors, skipped, split_text, pre = _embed_shards(
@@ -492,7 +429,7 @@ def build_index(
     meta = {
         "kind": KIND,
         "format_version": FORMAT_VERSION,
-        "embedder": {"path": str(Path(run.embedder_path).resolve()), "sha256": _sha256(Path(run.embedder_path))},
+        "embedder": {"path": str(Path(run.embedder_path).resolve()), "sha256": sha256_file(Path(run.embedder_path))},
         "preprocess": {"image_size": pre.get("image_size"), "grayscale": bool(pre.get("grayscale", True)), "format": "png"},
         "input_size": int(input_size),
         "dim": int(vectors.shape[1]),
@@ -664,7 +601,7 @@ def _recorded_run(gi: GalleryIndex, run) -> Run:
             raise DataError(f"{where} names the embedder {path[:120]!r}, which is not a local path: pass run=<the embedder> yourself")
         if not Path(path).is_file():
             raise DataError(f"{where}: the embedder it was built with is gone: {path} (pass run=<the embedder>)")
-        if _sha256(Path(path)) != gi.meta["embedder"]["sha256"]:
+        if sha256_file(Path(path)) != gi.meta["embedder"]["sha256"]:
             raise DataError(f"{path} changed since the index was built (sha256 differs): rebuild the index, or pass run=<embedder> to use it anyway")
         opened = open_run(path)
     dim = int(opened.embedder.config["embedding_dim"])
@@ -750,7 +687,7 @@ def add_to_index(
             index = gi.index
             faiss_search.add(index, new_vectors)  # flat, hnsw and (trained) ivf alike
             meta = dict(gi.meta, count=len(items), updated=_now())
-            if run is not None and _sha256(Path(opened.embedder_path)) == gi.meta["embedder"]["sha256"]:
+            if run is not None and sha256_file(Path(opened.embedder_path)) == gi.meta["embedder"]["sha256"]:
                 # the same embedder file, moved: record where it is now (a different one is an
                 # override for this call only; the index stays the recorded embedder's)
                 meta["embedder"] = {"path": str(Path(opened.embedder_path).resolve()), "sha256": gi.meta["embedder"]["sha256"]}

@@ -29,7 +29,6 @@ its content is data to check (:func:`read_info`), never text to paste into a com
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import math
@@ -55,7 +54,7 @@ from PIL import Image, ImageOps
 from toolkit.data.folder import NOT_AN_IMAGE, class_disjoint_split, list_image_folder, parse_holdout
 from toolkit.errors import DataError
 from toolkit.data.location import is_remote, shard_url
-from toolkit.files import new_temp_folder, rename_onto_new
+from toolkit.files import OwnedFolder, check_apart, check_replaceable, move_into_place, new_temp_folder, sha256_file
 from toolkit.progress import progress as progress_bar
 
 INFO_NAME = "_info.json"
@@ -115,14 +114,6 @@ def _encode_one(args: tuple[str, int | None, bool]) -> tuple[bytes | None, str |
     except Exception as exc:  # noqa: BLE001 - any decode failure is reported, not raised
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
         return None, reason[:300]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:
@@ -338,26 +329,6 @@ def _check_args(
         raise DataError(f"query_fraction must be in [0, 1) (0: every test image is query and gallery), got {query_fraction}")
 
 
-def _check_apart(src: Path, out: Path) -> None:
-    """Refuse an output that is, contains or lies inside the image folder (real paths, symlinks
-    resolved): replacing it would delete the images, writing inside it would mix the two."""
-    s, o = Path(os.path.realpath(src)), Path(os.path.realpath(out))
-    if o == s:
-        where = "is the image folder"
-    elif o in s.parents:
-        where = "contains the image folder"
-    elif s in o.parents:
-        where = "is inside the image folder"
-    else:
-        return
-    raise DataError(f"{out} {where} {src}: write the shards somewhere else")
-
-
-def _is_ours(path: Path) -> bool:
-    """A file ``write_shards`` writes: a regular file (not a link) with one of its names."""
-    return (path.name in SIDE_FILES or bool(SHARD_NAME.fullmatch(path.name))) and path.is_file() and not path.is_symlink()
-
-
 def _is_shard_info(path: Path) -> bool:
     """``path`` parses as the writer's ``_info.json``: an object with format_version and splits."""
     try:
@@ -367,96 +338,19 @@ def _is_shard_info(path: Path) -> bool:
     return isinstance(info, dict) and "format_version" in info and isinstance(info.get("splits"), dict)
 
 
-def _why_not_ours(folder: Path) -> str | None:
-    """Why ``folder`` is not ours to replace, or None: empty, or a shard folder holding only our files."""
-    if folder.is_symlink():
-        return "is a symbolic link (give the folder it points to)"
-    if not folder.is_dir():
-        return "is not a folder"
-    try:
-        names = sorted(os.listdir(folder))
-    except OSError as exc:
-        return f"cannot be read ({exc.strerror})"
-    if not names:
-        return None
-    if not _is_shard_info(folder / INFO_NAME):
-        return f"is not a shard folder (no {INFO_NAME} written by `toolkit shard`)"
-    foreign = [n for n in names if not _is_ours(folder / n)]
-    if foreign:
-        return f"holds files `toolkit shard` did not write ({_names(foreign, 5)})"
-    return None
-
-
-def _check_replaceable(out: Path, *, overwrite: bool, shown: Path | None = None) -> None:
-    """Refuse, in one line, to write ``out`` unless nothing is there or, with ``overwrite``, it
-    is ours to replace. ``shown`` names ``out`` in the message (when checking a moved copy)."""
-    if not os.path.lexists(out):
-        return
-    why = _why_not_ours(out)
-    if why:
-        raise DataError(f"{shown or out} exists and {why}: refusing to replace it")
-    if not overwrite:
-        raise DataError(f"{shown or out} already exists: pass --overwrite to replace it")
-
-
-def _move_into_place(tmp: Path, out: Path, *, overwrite: bool) -> None:
-    """Rename the finished ``tmp`` to ``out``, never replacing what is not ours.
-
-    With ``overwrite`` the old output is moved aside, checked again where it now lies (no one
-    else writes there), put back if it is not ours, and removed only once the new one is in
-    place. Whatever appeared at ``out`` meanwhile is never replaced (see :func:`_rename_new`).
-    """
-    old = _move_aside(out) if overwrite and os.path.lexists(out) else None
-    try:
-        _rename_new(tmp, out)
-    except BaseException:
-        if old is not None:
-            _put_back(old, out)
-        raise
-    if old is not None:
-        _remove_our_files(old)
-
-
-def _move_aside(out: Path) -> Path | None:
-    """Rename the replaceable ``out`` to a hidden sibling; None if it vanished meanwhile."""
-    _check_replaceable(out, overwrite=True)
-    old = out.with_name(f".{out.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
-    try:
-        os.rename(out, old)
-    except FileNotFoundError:
-        return None
-    try:
-        _check_replaceable(old, overwrite=True, shown=out)
-    except DataError:
-        _put_back(old, out)
-        raise
-    return old
-
-
-def _rename_new(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``, failing (one line) if anything appeared at ``out``."""
-    try:
-        rename_onto_new(tmp, out)
-    except FileExistsError:
-        raise DataError(f"{out} appeared while the shards were being written: not replaced") from None
-
-
-def _put_back(old: Path, out: Path) -> None:
-    try:
-        os.rename(old, out)
-    except OSError:
-        raise DataError(f"{out} changed while the shards were being written: its previous content is in {old}") from None
-
-
-def _remove_our_files(folder: Path) -> None:
-    """Delete the files ``write_shards`` wrote in ``folder``, then the folder if that empties it."""
-    try:
-        for path in folder.iterdir():
-            if _is_ours(path):
-                path.unlink()
-        folder.rmdir()
-    except OSError as exc:
-        warnings.warn(f"the previous output was kept in {folder}: {exc.strerror}", stacklevel=4)
+# What --overwrite may replace: an empty folder or one holding nothing but regular files named
+# as write_shards names them, with its _info.json (the rules: toolkit.files, "output folders").
+SHARD_FOLDER = OwnedFolder(
+    what="a shard folder",
+    writer="`toolkit shard`",
+    marker=INFO_NAME,
+    is_marker=_is_shard_info,
+    owns=lambda name: name in SIDE_FILES or bool(SHARD_NAME.fullmatch(name)),
+    writing="the shards were being written",
+    previous="the previous output",
+    overwrite_hint="--overwrite",
+    brief=lambda names: _names(names, 5),
+)
 
 
 def write_shards(
@@ -508,8 +402,8 @@ def write_shards(
         val_fraction=val_fraction, seed=seed, image_size=image_size, samples_per_shard=samples_per_shard,
         workers=workers, image_timeout_s=image_timeout_s, query_fraction=query_fraction,
     )
-    _check_apart(src, out)
-    _check_replaceable(out, overwrite=overwrite)
+    check_apart(src, out, what_src="image folder", advice="write the shards somewhere else")
+    check_replaceable(out, SHARD_FOLDER, overwrite=overwrite)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         manifest, ignored = list_image_folder(src)
@@ -573,7 +467,7 @@ def write_shards(
         pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(tmp / "skipped.csv", index=False)
         pd.DataFrame(ignored, columns=["path", "reason"]).to_csv(tmp / "ignored.csv", index=False)
         (tmp / INFO_NAME).write_text(json.dumps(info, indent=2))
-        _move_into_place(tmp, out, overwrite=overwrite)
+        move_into_place(tmp, out, SHARD_FOLDER, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -705,7 +599,7 @@ def _write_split_shards(
                     )
             filenames.append(name)
             lengths.append(len(chunk))
-            sums.append(_sha256(folder / name))
+            sums.append(sha256_file(folder / name))
         splits[split] = {
             "name": split,  # timm's reader_wds understands name/num_samples/filenames/shard_lengths
             "num_samples": len(rows),
@@ -1048,6 +942,6 @@ def verify_shards(folder: str | Path) -> list[str]:
         digests = split.sha256
         for i, name in enumerate(split.filenames):
             p = folder / name
-            if i >= len(digests) or not p.is_file() or _sha256(p) != digests[i]:
+            if i >= len(digests) or not p.is_file() or sha256_file(p) != digests[i]:
                 bad.append(name)
     return bad
