@@ -1,4 +1,4 @@
-"""The package works installed (not editable) and away from the checkout: `python -m toolkit`, `toolkit demo`."""
+"""The package works installed (not editable) and away from the checkout: `python -m toolkit`, `toolkit demo --holdout_classes 2`."""
 from __future__ import annotations
 
 import os
@@ -41,8 +41,11 @@ def test_installed_package_runs_the_demo_from_another_directory(tmp_path):
     assert where.stdout.strip().startswith(site), where.stdout + where.stderr
     helped = subprocess.run([str(py), "-m", "toolkit", "--help"], cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert helped.returncode == 0 and "demo" in helped.stdout + helped.stderr, helped.stderr
-    demo = subprocess.run([str(venv / "bin" / "toolkit"), "demo", "--epochs", "1", "--tracker", "none"], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=600)
+    # The open-set variant: everything the closed-set demo does, plus the held-out classes.
+    demo = subprocess.run([str(venv / "bin" / "toolkit"), "demo", "--epochs", "1", "--tracker", "none", "--holdout_classes", "2"],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     assert "| classifier head on the frozen embedder |" in demo.stdout
-    assert (work / "runs" / "digits-classify" / "report.md").is_file()
+    assert "| unseen classes (" in demo.stdout and "| raw pixels |" in demo.stdout and "| embedder |" in demo.stdout
+    assert (work / "runs" / "digits-open-classify" / "report.md").is_file()
+    assert (work / "runs" / "digits-open-classify" / "plots" / "worst_queries.png").is_file()
