@@ -171,3 +171,23 @@ def test_progress_enabled_and_disabled(capsys):
 
     assert list(progress(range(4), desc="epoch", enabled=True)) == [0, 1, 2, 3]
     assert re.search(r"epoch.*4/4", capsys.readouterr().err)  # forced on: tqdm draws even without a TTY
+
+
+def test_offline_table_and_image_reach_the_wandb_run(wandb_env):
+    """What the report sends to W&B: the open-set table and the worst-queries PNG."""
+    from PIL import Image
+
+    run_dir = wandb_env / "run"
+    png = wandb_env / "worst.png"
+    Image.new("L", (8, 8)).save(png)
+    with make_tracker(enabled=True, kind="wandb", run_dir=run_dir, config={}, project="tests", name="t3") as tracker:
+        tracker.log({"loss": 1.0}, step=5)
+        tracker.log_table("report/open_set", ["embeddings", "recall_at_1"], [["raw pixels", 0.5], ["embedder", 0.875]])
+        tracker.log_image("report/worst_queries", png)
+    offline = _offline_run(run_dir)
+    data = next(offline.glob("run-*.wandb")).read_bytes()
+    assert b"report/open_set" in data and b"report/worst_queries" in data
+    tables = list(offline.rglob("*.table.json"))
+    assert tables, "the table is written as a W&B table file"
+    content = json.loads(tables[0].read_text())
+    assert content["columns"] == ["embeddings", "recall_at_1"] and content["data"][1] == ["embedder", 0.875]
