@@ -59,6 +59,45 @@ def test_loader_bench_prints_both_sides_and_writes_json(tmp_path):
     assert (tmp_path / "cache" / "bench").is_dir()
 
 
+def test_knn_bench_prints_every_method_and_writes_json(tmp_path):
+    out = tmp_path / "knn.json"
+    # Tiny: N = 300 and 700 (c = 34 < N: the screened path), queries capped at 60.
+    r = run("bench", "knn", "--sizes", "300,700", "--max_queries", 60, "--repeats", 2, "--approx", "hnsw,ivf",
+            "--dim", 16, "--classes", 5, "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    header = next(line for line in r.stdout.splitlines() if line.startswith("| train N"))
+    assert all(col in header for col in ("method", "exact", "seconds", "agreement", "mismatches"))
+    methods = ["faiss-screened", "torch", "sklearn", "faiss flat raw", "faiss hnsw", "faiss ivf"]
+    for n, q in (("300", "45"), ("700", "60")):  # 15 % of 300; 15 % of 700 capped at 60
+        rows = [line for line in r.stdout.splitlines() if line.startswith(f"| {n} | {q} |")]
+        assert [row.split("|")[3].strip() for row in rows] == methods, r.stdout
+        for row in rows[:3]:  # the exact ones agree with scikit-learn on every query
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            assert cells[3] == "yes" and cells[6] == "1.000000" and cells[7] == "0", row
+    assert 'backend="auto" runs:' in r.stdout
+
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "knn" and report["max_queries"] == 60
+    assert [(row["n_train"], row["n_queries"]) for row in report["rows"]] == [(300, 45), (700, 60)]
+    for row in report["rows"]:
+        assert list(row["methods"]) == methods
+        assert row["fastest_exact"] in ("faiss-screened", "torch", "sklearn")
+        assert row["auto"] in ("faiss", "torch", "sklearn")
+        for name, m in row["methods"].items():
+            assert m["exact"] == (name in ("faiss-screened", "torch", "sklearn"))
+            assert m["s"] > 0 and len(m["runs"]) == (1 if name in ("faiss hnsw", "faiss ivf") else 2)
+            assert 0 <= m["agreement"] <= 1
+        assert row["methods"]["sklearn"]["vs_sklearn"] == pytest.approx(1.0)
+        assert row["methods"]["faiss hnsw"]["build_s"] > 0
+
+
+def test_knn_bench_rejects_an_unknown_index_in_one_line():
+    r = run("bench", "knn", "--sizes", 100, "--approx", "lsh")
+    assert r.returncode != 0
+    err = _lines(r.stderr)
+    assert len(err) == 1 and "--approx" in err[0] and "hnsw" in err[0], r.stderr
+
+
 def test_unknown_benchmark_is_a_one_line_error():
     r = run("bench", "nope")
     assert r.returncode != 0

@@ -85,21 +85,22 @@ def test_knn_accuracy_equals_sklearn(k, backend):
     assert acc == pytest.approx(ref.score(val, val_y))
 
 
-def test_knn_auto_backend_switches_to_torch_on_large_sets(monkeypatch):
+def test_knn_auto_backend_leaves_sklearn_on_large_sets(monkeypatch):
     import toolkit.knn
 
     calls = []
     real = toolkit.knn.knn_accuracy_torch
-    monkeypatch.setattr(toolkit.knn, "knn_accuracy_torch", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(toolkit.knn, "knn_accuracy_torch", lambda *a, **kw: calls.append(kw["backend"]) or real(*a, **kw))
     train, train_y = blobs(12, 4, 8, spread=1.2, seed=1)
     val, val_y = blobs(6, 4, 8, spread=1.2, seed=2)
     small = knn_accuracy(train, train_y, val, val_y)
     assert calls == []  # 48 x 24 pairs: scikit-learn
-    monkeypatch.setattr(toolkit.knn, "TORCH_KNN_MIN_PAIRS", len(train_y) * len(val_y))
+    monkeypatch.setattr(toolkit.knn, "SKLEARN_KNN_MAX_PAIRS", len(train_y) * len(val_y))
     big = knn_accuracy(train, train_y, val, val_y)
-    assert calls == [1] and big[0] == small[0] and np.array_equal(big[1], small[1])
-    with pytest.raises(ValueError, match="backend"):
-        knn_accuracy(train, train_y, val, val_y, backend="faiss")
+    assert calls == ["torch"]  # 24 queries x 8 dims: below faiss's BLAS threshold
+    assert big[0] == small[0] and np.array_equal(big[1], small[1])
+    faiss = knn_accuracy(train, train_y, val, val_y, backend="faiss")
+    assert calls == ["torch", "faiss"] and np.array_equal(faiss[1], small[1])
 
 
 def test_knn_accuracy_with_more_neighbours_than_references():

@@ -208,7 +208,11 @@ def bench(what: str = "loader", **options):
       step    toolkit embed step (Accelerate + gather + mining + optimizer) vs a plain
               PyTorch loop, same model/batch/precision. `toolkit bench step --help`-style
               options are the keyword arguments of toolkit/bench/step.py main().
-      knn     toolkit blockwise torch kNN vs scikit-learn KNeighborsClassifier (k = 13).
+      knn     kNN (k = 13): faiss-screened exact, the toolkit's torch kNN, scikit-learn, raw
+              faiss (and --approx hnsw,ivf), time and agreement. --sizes 10000,100000,1000000
+      openset retrieval on 12 held-out classes of the character folder: raw pixels vs a
+              5-minute embedder on 2 CPU processes. Options: --holdout 12, --minutes 5,
+              --processes 2, --per_class 120, --out FILE.json
       scaling one process vs two (gloo): compute, gather and mining time per step.
       gpu     seed network at 220x220 on a GPU (bf16/fp32, channels_last, torch.compile);
               prints a JSON line saying it skipped on machines without CUDA.

@@ -1,12 +1,21 @@
 """kNN classification: the one entry point for every nearest-neighbour vote in the toolkit.
 
-:func:`knn_accuracy` scores embeddings (scikit-learn below ``TORCH_KNN_MIN_PAIRS`` train ×
-query pairs, the blockwise torch kNN above and on GPU: same predictions); the validator,
-``toolkit evaluate``, predict and the classifier stage all vote through :func:`knn_predict`.
+:func:`knn_accuracy` scores embeddings, and the validator, ``toolkit evaluate``, predict and
+the classifier stage vote through :func:`knn_predict` / :func:`knn_vote`. Every backend
+gives what ``KNeighborsClassifier(n_neighbors=k)`` (Euclidean, uniform weights) predicts on
+the same data, tie rules included:
 
-Blockwise exact kNN classification in torch, with scikit-learn's answers.
-:func:`knn_predict` returns what ``KNeighborsClassifier(n_neighbors=k)`` (Euclidean,
-uniform weights) predicts on the same data, tie rules included:
+* ``"faiss"``: faiss's exact flat index (:mod:`toolkit.search`) screens the candidates;
+* ``"torch"``: the toolkit's own blockwise screen (a float32 ``addmm`` per tile), on the
+  train tensor's device;
+* ``"sklearn"`` (:func:`knn_accuracy` only): ``KNeighborsClassifier`` itself;
+* ``"auto"``: the fastest of them as measured by ``toolkit bench knn`` (:func:`auto_backend`):
+  on CPU scikit-learn below ``SKLEARN_KNN_MAX_PAIRS`` train × query pairs (about 8k × 1.2k),
+  faiss above, the torch screen from ``TORCH_KNN_MIN_TRAIN`` (200k) train rows on, where it is
+  faster than faiss, and when faiss would search the queries with its slow direct loop (fewer
+  than about 1,000 queries at 128-d); on CUDA tensors torch, or faiss when it has GPU support.
+
+Tie rules (scikit-learn's):
 
 * **Neighbour ties** (two train points at the same distance from a query): the smaller
   train index comes first. scikit-learn's brute-force search scans the train set in index
@@ -18,20 +27,37 @@ uniform weights) predicts on the same data, tie rules included:
   scikit-learn takes ``classes_[argmax(counts)]`` (or ``scipy.stats.mode``), and both pick
   the first, i.e. smallest, of the sorted classes.
 
-How, per block of queries (memory O(block × 4096), whatever N):
+How, per block of queries (the faiss and torch backends differ in step 1 only):
 
-1. *Screen* in float32, tile by tile over the train set: ``||t||² − 2 q·t`` (one
-   ``addmm``; the query's own ``||q||²`` does not change the order). Each query keeps its
-   ``c = 2k + 8`` best values; in later tiles only values below its current c-th best can
-   still enter, and those few are picked out with one comparison and merged now and then
-   (a vectorised form of scikit-learn's per-query heap).
+1. *Screen* in float32: each query keeps the ``c = 2k + 8`` train points with the smallest
+   screened value, and every point left out screened at least as high as the worst kept.
+
+   * faiss (``IndexFlatL2``): ``||q||² + ||t||² − 2 q·t`` (sgemm, blocks of 4096 queries
+     × 1024 train rows; below ``distance_compute_blas_threshold`` = 128,000 query × dim
+     elements per call, a direct ``Σ (q − t)²`` loop instead; both clamp at 0), kept in a
+     heap per query (a reservoir from 100 candidates on).
+   * torch: ``||t||² − 2 q·t`` (one ``addmm`` per tile of 4096 train rows; the query's
+     ``||q||²`` does not change the order). In later tiles only values below a query's
+     current c-th best can still enter, and those few are picked out with one comparison
+     and merged now and then (a vectorised form of scikit-learn's per-query heap).
 2. *Refine* the candidates in float64 (scikit-learn also computes its distances in float64,
    upcasting float32 inputs): exact squared distances, sorted by (distance, train index).
-3. *Check*: the float32 screen can misorder points by at most a rounding bound ``err``
-   (from the matmul precision in force). If the k-th refined distance is not clearly below
-   the worst screened candidate (``d_k < d_c − err``), a point outside the candidates could
-   belong in the top k: those few rows are redone in float64 against the whole train set.
+3. *Check*: a screened value is off the true squared distance ``d`` by at most ``err``
+   (below). Every left-out point has ``d >= worst − err``, ``worst`` being the largest kept
+   screened value, plus ``||q||²`` for torch's screen, which leaves it out. If the k-th
+   refined distance is not clearly below that (``d_k < worst − err``), a point outside the
+   candidates could belong in the top k: those few rows are redone in float64 against the
+   whole train set.
 4. *Vote*: per query, the class with most of the k neighbours, the smallest on a tie.
+
+The rounding bound: with ``Q = ||q||``, ``T = max ||t||`` and ``u`` the unit roundoff of the
+float32 products (2⁻²⁴; torch: of the ``float32_matmul_precision`` in force, faiss's CPU
+sgemm and its GPU cuBLAS calls (reduced precision disallowed) are plain float32), the two
+norms and the dot product are each within ``D·u`` of their size, the two additions add
+``u`` each and the float64 → float32 rounding of the inputs ``2u``, all at most
+``(Q + T)²``; the direct loop's ``Σ (q − t)²`` is within ``(D + 3)·u·d``. So
+``|screened − d| <= (D + 6)·u·(Q + T)²`` to first order; the check uses twice
+``(D + 9)·u·(Q + T)²``, plus ``(D + 9)·2⁻¹²⁶`` for underflow.
 
 So the answer is exact (up to float64 rounding, where scikit-learn's own expansion could
 order two points differently), while the O(N) work runs as a float32 matmul.
@@ -56,6 +82,9 @@ SUB = 64
 # purpose: glibc serves allocations above its mmap threshold (at most 32 MB) with fresh
 # pages, and page faults then cost more than the arithmetic.
 _REFINE_ELEMENTS = 1 << 20
+# Queries per faiss search call (faiss backend): faiss recomputes the train norms once per
+# call and blocks its own work by 4096 queries; memory O(FAISS_BLOCK × c) for the results.
+FAISS_BLOCK = 1 << 16
 
 
 def _as_tensor(x) -> torch.Tensor:
@@ -168,13 +197,95 @@ def _screen(train_aug, q_aug, c, buf):
     return best_v, best_i
 
 
+
+def _round_bound(qn: torch.Tensor, t_max: float, dim: int, u: float) -> torch.Tensor:
+    """Bound (float64, per query) on |screened value - true squared distance| (module docstring)."""
+    return 2.0 * (dim + 9) * u * (qn.sqrt() + t_max).pow(2) + (dim + 9) * 2.0**-126
+
+
+def _torch_blocks(train, query, c, block):
+    """Torch screen, per block of queries: (start, candidates (b, c), worst (b,) float64).
+
+    ``worst`` is in squared-distance units *without* ``||q||²`` (added by the caller).
+    """
+    n, dim = train.shape
+    device = train.device
+    train32 = train.float()
+    tn32 = train32.pow(2).sum(1)  # (N,)
+    pad = -n % SUB  # rows [0, ..., 0, +inf]: screened value +inf, never picked
+    train_aug = torch.cat([train32, tn32[:, None]], dim=1)  # (N, D+1) = [t, ||t||²]
+    if pad:
+        filler = torch.zeros(pad, dim + 1, device=device)
+        filler[:, -1] = float("inf")
+        train_aug = torch.cat([train_aug, filler])
+    train_aug = train_aug.contiguous()
+    query_aug = torch.cat([-2.0 * query.float(), torch.ones(query.shape[0], 1, device=device)], dim=1)  # [-2q, 1]
+    buf = torch.empty(min(block, query.shape[0]), TRAIN_CHUNK, dtype=torch.float32, device=device)
+    for s in range(0, query.shape[0], block):
+        cand_d32, cand = _screen(train_aug, query_aug[s : s + block].contiguous(), c, buf)  # (b, c)
+        yield s, cand, cand_d32.max(dim=1).values.double()
+
+
+def faiss_on_gpu() -> bool:
+    """Whether faiss was built with GPU support (``faiss-gpu``) and sees a GPU."""
+    try:
+        import faiss
+    except ImportError:
+        return False
+    return hasattr(faiss, "StandardGpuResources") and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+
+
+def _faiss_blocks(train, query, c, block):
+    """faiss screen (exact flat index), per block of queries: (start, candidates (b, c), worst (b,) float64).
+
+    ``worst`` includes ``||q||²`` (faiss's values are full squared distances). The index is
+    a GPU copy when ``train`` is on CUDA and faiss has GPU support, otherwise on the CPU.
+    """
+    from toolkit import search
+
+    device = train.device
+    gpu = device.type == "cuda" and faiss_on_gpu()
+    index = search.build_index(train, device=device if gpu else None)
+    q32 = search.as_float32(query)  # CPU array; faiss copies a GPU index's queries itself
+    for s in range(0, q32.shape[0], block):
+        dist, ids = search.search(index, q32[s : s + block], c)
+        dist = torch.from_numpy(dist).to(device)
+        ids = torch.from_numpy(ids).to(device)
+        worst = dist.max(dim=1).values.double()
+        missing = (ids < 0).any(dim=1)  # fewer than c results (NaN inputs): redo exactly
+        if bool(missing.any()):
+            worst[missing] = -math.inf
+            ids = ids.clamp_min(0)
+        yield s, ids, worst
+
+
+# Unit roundoff of faiss's float32 distances: plain float32 on the CPU (OpenBLAS sgemm, SIMD
+# loops) and on the GPU (cuBLAS with reduced-precision reductions disallowed; no TF32).
+_FAISS_ROUNDOFF = 2.0**-24
+# Largest k a faiss GPU index searches (its k-selection kernels stop at 2048).
+_FAISS_GPU_MAX_K = 2048
+
+
+def _neighbour_backend(backend: str, device: torch.device, n: int, q: int, dim: int, c: int) -> str:
+    """"faiss" or "torch" for :func:`knn_neighbors` (``backend`` as given: auto, faiss, torch)."""
+    if backend not in ("auto", "faiss", "torch"):
+        raise ValueError(f"knn backend must be auto, faiss or torch, got {backend!r}")
+    if backend == "auto":
+        backend = auto_backend(n, q, dim, device=device, sklearn=False)
+    if backend == "faiss" and device.type == "cuda" and faiss_on_gpu() and c > _FAISS_GPU_MAX_K:
+        backend = "torch"  # k too large for faiss's GPU search
+    return backend
+
+
 @torch.no_grad()
-def knn_neighbors(train_emb, query_emb, *, k: int = 13, block: int | None = None) -> torch.Tensor:
+def knn_neighbors(train_emb, query_emb, *, k: int = 13, block: int | None = None, backend: str = "auto") -> torch.Tensor:
     """Indices (Q, k) of each query's k nearest train rows (Euclidean), nearest first.
 
     Ties in distance are broken by the smaller train index, as scikit-learn does. ``k`` is
-    capped at the train size. Inputs: numpy arrays or tensors (B, D); the work runs on the
-    train tensor's device.
+    capped at the train size. Inputs: numpy arrays or tensors (B, D); the refinement runs on
+    the train tensor's device. ``backend``: "faiss", "torch" or "auto" (see the module
+    docstring); the answer is the same. ``block``: queries per block (default
+    ``DEFAULT_BLOCK`` for torch, ``FAISS_BLOCK`` for faiss).
     """
     train = _as_tensor(train_emb)
     device = train.device
@@ -189,48 +300,42 @@ def knn_neighbors(train_emb, query_emb, *, k: int = 13, block: int | None = None
     if block is not None and int(block) < 1:
         raise ValueError(f"knn: block must be >= 1, got {block}")
     k = min(int(k), n)
+    c = min(n, 2 * k + 8)
+    backend = _neighbour_backend(backend, device, n, query.shape[0], dim, c)
     if query.shape[0] == 0:
         return torch.zeros(0, k, dtype=torch.long, device=device)
     if not train.is_floating_point():
         train = train.float()
     query64 = query.double()
-    c = min(n, 2 * k + 8)
     if c == n:  # a tiny train set: every point is a candidate, do it all in float64
         return _exact_rows(train, query64, k)
 
-    train32 = train.float()
-    tn32 = train32.pow(2).sum(1)  # (N,)
-    pad = -n % SUB  # rows [0, ..., 0, +inf]: screened value +inf, never picked
-    train_aug = torch.cat([train32, tn32[:, None]], dim=1)  # (N, D+1) = [t, ||t||²]
-    if pad:
-        filler = torch.zeros(pad, dim + 1, device=device)
-        filler[:, -1] = float("inf")
-        train_aug = torch.cat([train_aug, filler])
-    train_aug = train_aug.contiguous()
-    query_aug = torch.cat([-2.0 * query.float(), torch.ones(query.shape[0], 1, device=device)], dim=1)  # [-2q, 1]
-    b = int(block) if block else DEFAULT_BLOCK
-    buf = torch.empty(min(b, query.shape[0]), TRAIN_CHUNK, dtype=torch.float32, device=device)
-    # Rounding bound on a screened ||t||² - 2 q.t: (D + 9) roundings of terms up to
-    # (|q| + max|t|)², doubled for safety; the float64 -> float32 input rounding is inside it.
-    u = _unit_roundoff()
-    t_max = float(tn32.max().sqrt()) * (1 + 1e-5)
+    qn_all = query64.pow(2).sum(1)  # (Q,)
+    t_max = float(train.float().pow(2).sum(1).max().sqrt()) * (1 + 1e-5)
+    if backend == "faiss":
+        if not block:  # even blocks: a short last one could fall below faiss's BLAS threshold
+            block = -(-query.shape[0] // -(-query.shape[0] // FAISS_BLOCK))
+        blocks = _faiss_blocks(train, query, c, int(block))
+        u, add_qn = _FAISS_ROUNDOFF, False
+    else:
+        blocks = _torch_blocks(train, query, c, int(block) if block else DEFAULT_BLOCK)
+        u, add_qn = _unit_roundoff(), True
     out = torch.empty(query.shape[0], k, dtype=torch.long, device=device)
     rb = max(1, _REFINE_ELEMENTS // (c * dim))  # refine rows at a time: float64 temporaries of ~8 MB
-    for s in range(0, query.shape[0], b):
-        cand_d32, cand = _screen(train_aug, query_aug[s : s + b].contiguous(), c, buf)  # (b, c)
+    for s, cand, worst in blocks:
         cand, _ = cand.sort(dim=1)  # candidates by train index, so a stable sort keeps index order
-        worst32 = cand_d32.max(dim=1).values  # every non-candidate screened >= this
         nb = cand.shape[0]
+        if add_qn:
+            worst = worst + qn_all[s : s + nb]
         for r in range(0, nb, rb):
             e = min(nb, r + rb)
             q64, cr = query64[s + r : s + e], cand[r:e]
-            d64 = (train[cr].double() - q64[:, None, :]).pow_(2).sum(2)  # (rb, c) exact squared distances
+            d64 = torch.sub(train[cr], q64[:, None, :]).pow_(2).sum(2)  # (rb, c) exact squared distances, in float64
             order = torch.sort(d64, dim=1, stable=True).indices[:, :k]  # (distance, index) order
             nbr = cr.gather(1, order)  # (rb, k)
             kth = d64.gather(1, order[:, -1:]).squeeze(1)  # (rb,)
-            qn = q64.pow(2).sum(1)  # (rb,)
-            err = 2.0 * (dim + 9) * u * (qn.sqrt() + t_max).pow(2)
-            unsure = ~(kth < worst32[r:e].double() + qn - err)  # a non-candidate might be as near
+            err = _round_bound(qn_all[s + r : s + e], t_max, dim, u)
+            unsure = ~(kth < worst[r:e] - err)  # a non-candidate might be as near
             if bool(unsure.any()):
                 rows = unsure.nonzero().squeeze(1)
                 nbr[rows] = _exact_rows(train, q64[rows], k)
@@ -240,7 +345,7 @@ def knn_neighbors(train_emb, query_emb, *, k: int = 13, block: int | None = None
 
 @torch.no_grad()
 def knn_predict(
-    train_emb, train_labels, query_emb, *, k: int = 13, block: int | None = None
+    train_emb, train_labels, query_emb, *, k: int = 13, block: int | None = None, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """kNN classification equal to scikit-learn's ``KNeighborsClassifier(n_neighbors=k)``.
 
@@ -249,7 +354,8 @@ def knn_predict(
         train_labels: (N,) integer labels.
         query_emb: (Q, D) embeddings to classify.
         k: neighbours that vote (capped at N, like the validator does).
-        block: queries per block (default ``DEFAULT_BLOCK``); memory O(block × TRAIN_CHUNK).
+        block: queries per block (default ``DEFAULT_BLOCK`` for torch, ``FAISS_BLOCK`` for faiss).
+        backend: "faiss", "torch" or "auto" (:func:`auto_backend`); same predictions.
 
     Returns:
         ``(pred, votes)``: ``pred`` (Q,) predicted labels (values of ``train_labels``),
@@ -262,53 +368,108 @@ def knn_predict(
         raise ValueError(f"knn: expected {train.shape[0]} labels, got shape {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.is_complex():
         raise ValueError(f"knn: labels must be integers, got {labels.dtype}")
-    nbr = knn_neighbors(train, query_emb, k=k, block=block)  # (Q, k)
+    nbr = knn_neighbors(train, query_emb, k=k, block=block, backend=backend)  # (Q, k)
     classes, inverse = torch.unique(labels, sorted=True, return_inverse=True)
     cls, votes = _vote(inverse[nbr], len(classes))
     return classes[cls], votes
 
 
 def knn_vote(ref: torch.Tensor, ref_labels: torch.Tensor, queries: torch.Tensor, *, k: int,
-              block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              block: int | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """kNN prediction with its confidence: (pred (Q,), share of the k votes the winner got (Q,)), on the CPU.
 
     ``ref`` (N, D) on any device, ``ref_labels`` (N,), ``queries`` (Q, D); k is capped at N.
+    ``backend``: as for :func:`knn_predict`.
     """
     k = min(k, ref.shape[0])
-    pred, votes = knn_predict(ref.float(), ref_labels.long().to(ref.device), queries.float().to(ref.device), k=k, block=block)
+    pred, votes = knn_predict(ref.float(), ref_labels.long().to(ref.device), queries.float().to(ref.device), k=k,
+                              block=block, backend=backend)
     return pred.cpu(), (votes.float() / k).cpu()
 
 
-def knn_accuracy_torch(train_emb, train_labels, val_emb, val_labels, *, k: int = 13, block: int | None = None):
-    """:func:`knn_accuracy` with the torch backend (:func:`knn_predict`): (accuracy, predictions)."""
-    pred, _ = knn_predict(train_emb, train_labels, val_emb, k=k, block=block)
+def knn_accuracy_torch(train_emb, train_labels, val_emb, val_labels, *, k: int = 13, block: int | None = None,
+                       backend: str = "torch"):
+    """:func:`knn_accuracy` through :func:`knn_predict` (``backend`` torch or faiss): (accuracy, predictions)."""
+    pred, _ = knn_predict(train_emb, train_labels, val_emb, k=k, block=block, backend=backend)
     truth = _as_tensor(val_labels).to(pred.device)
     acc = float((pred == truth).double().mean()) if len(truth) else math.nan
     return acc, pred.cpu().numpy()
 
 
-# train × query pairs above which the toolkit's blockwise torch kNN beats scikit-learn on
-# CPU (toolkit bench knn, 2 cores: 0.68× at 10k × 1.5k, 0.89× at 30k × 4.5k, 1.34× at
-# 100k × 15k; so from about 50k × 7.5k). Both give the same predictions.
-TORCH_KNN_MIN_PAIRS = 4 * 10**8
+# What backend="auto" runs on CPU, from toolkit bench knn (128-d unit vectors, 15 % as many
+# queries up to 15,000, k = 13, 2 cores, best of 2-9 alternated runs; seconds):
+#
+#   train N × queries   sklearn   faiss   torch
+#   5k × 750              0.033   0.066   0.051   (faiss: its direct loop, see below)
+#   7k × 1.05k            0.057   0.062   0.081
+#   8k × 1.2k             0.075   0.071   0.098
+#   10k × 1.5k            0.109   0.100   0.139
+#   12k × 1.8k            0.158   0.132   0.198
+#   20k × 3k              0.399   0.305   0.400
+#   50k × 7.5k            2.30    1.39    1.69
+#   100k × 15k            9.66    4.95    5.08
+#   200k × 15k              -    10.5     9.7
+#   300k × 15k              -    15.0    12.7
+#   400k × 15k              -    19.6    15.6
+#   1M × 15k             88.0    47.5    35.3    (1M × 3k: faiss 10.4, torch 8.3)
+#
+# scikit-learn wins below about 8k × 1.2k pairs; faiss's cost per pair is about constant
+# (3.2-3.6 ns) while the torch screen's falls with N (more of its tiles meet a tight
+# threshold), so torch wins again from about 200k train rows (1.08× at 200k, 1.26× at 400k,
+# 1.26-1.35× at 1M). And faiss searches a call of fewer than distance_compute_blas_threshold query ×
+# dimension elements (128,000 since faiss 1.14.2: 1,000 queries at 128-d; 20 queries before)
+# with a direct loop, ~6× slower per pair than its sgemm: 100k × 900 took 2.67 s (torch
+# 0.44 s, scikit-learn 0.56 s; 100k × 1,000: faiss 0.44 s).
+SKLEARN_KNN_MAX_PAIRS = 10**7  # train × query pairs below which scikit-learn is fastest
+TORCH_KNN_MIN_TRAIN = 200_000  # train rows from which the torch screen beats faiss's
+
+
+def _faiss_blas(n_queries: int, dim: int) -> bool:
+    """Whether faiss screens ``n_queries`` queries of ``dim`` per call with sgemm (not its direct loop)."""
+    try:
+        import faiss
+    except ImportError:
+        return False
+    threshold = int(faiss.cvar.distance_compute_blas_threshold)
+    version = tuple(int(p) for p in faiss.__version__.split(".")[:3] if p.isdigit())
+    return (n_queries * dim if version >= (1, 14, 2) else n_queries) >= threshold
+
+
+def auto_backend(n_train: int, n_queries: int, dim: int = 128, *, device=None, sklearn: bool = True) -> str:
+    """The backend ``backend="auto"`` runs for ``n_train`` × ``n_queries`` embeddings of ``dim`` on ``device``.
+
+    CUDA tensors: "torch" (the blockwise kNN runs on the GPU), or "faiss" when faiss has GPU
+    support (not measured here: no faiss-gpu on the development machine). CPU, from the
+    measurements above: "sklearn" below ``SKLEARN_KNN_MAX_PAIRS`` train × query pairs (when
+    allowed: :func:`knn_accuracy`; :func:`knn_predict` passes ``sklearn=False``), "torch"
+    from ``TORCH_KNN_MIN_TRAIN`` train rows on or when faiss would search the queries with
+    its direct loop, "faiss" otherwise.
+    """
+    if device is not None and torch.device(device).type == "cuda":
+        return "faiss" if faiss_on_gpu() else "torch"
+    if sklearn and n_train * n_queries < SKLEARN_KNN_MAX_PAIRS:
+        return "sklearn"
+    if n_train >= TORCH_KNN_MIN_TRAIN or not _faiss_blas(min(n_queries, FAISS_BLOCK), dim):
+        return "torch"
+    return "faiss"
 
 
 def knn_accuracy(train_emb, train_labels, val_emb, val_labels, *, k: int = 13,
                  backend: str = "auto") -> tuple[float, np.ndarray]:
     """kNN classifier (Euclidean, uniform votes, scikit-learn's answers). Returns (accuracy, predictions).
 
-    ``backend``: "sklearn" (``KNeighborsClassifier``), "torch" (:func:`knn_predict`,
-    same predictions, tie rules included) or "auto": torch on CUDA tensors or from
-    ``TORCH_KNN_MIN_PAIRS`` train × query pairs on, where it is the faster of the two.
+    ``backend``: "sklearn" (``KNeighborsClassifier``), "faiss" or "torch" (:func:`knn_predict`,
+    same predictions, tie rules included) or "auto": the fastest for the size and device
+    (:func:`auto_backend`).
     """
-    if backend not in ("auto", "sklearn", "torch"):
-        raise ValueError(f"knn backend must be auto, sklearn or torch, got {backend!r}")
+    if backend not in ("auto", "sklearn", "torch", "faiss"):
+        raise ValueError(f"knn backend must be auto, sklearn, torch or faiss, got {backend!r}")
     if backend == "auto":
-        on_gpu = isinstance(train_emb, torch.Tensor) and train_emb.is_cuda
-        big = len(train_labels) * len(val_labels) >= TORCH_KNN_MIN_PAIRS
-        backend = "torch" if on_gpu or big else "sklearn"
-    if backend == "torch":
-        return knn_accuracy_torch(train_emb, train_labels, val_emb, val_labels, k=k)
+        device = train_emb.device if isinstance(train_emb, torch.Tensor) else None
+        dim = int(np.shape(train_emb)[1]) if np.ndim(train_emb) == 2 else 1
+        backend = auto_backend(len(train_labels), len(val_labels), dim, device=device)
+    if backend in ("torch", "faiss"):
+        return knn_accuracy_torch(train_emb, train_labels, val_emb, val_labels, k=k, backend=backend)
     from sklearn.neighbors import KNeighborsClassifier
 
     clf = KNeighborsClassifier(n_neighbors=min(k, len(train_labels)))
@@ -317,4 +478,5 @@ def knn_accuracy(train_emb, train_labels, val_emb, val_labels, *, k: int = 13,
     return float((pred == np.asarray(val_labels)).mean()), pred
 
 
-__all__ = ["TORCH_KNN_MIN_PAIRS", "knn_accuracy", "knn_accuracy_torch", "knn_neighbors", "knn_predict", "knn_vote"]
+__all__ = ["FAISS_BLOCK", "SKLEARN_KNN_MAX_PAIRS", "TORCH_KNN_MIN_TRAIN", "auto_backend", "faiss_on_gpu", "knn_accuracy",
+           "knn_accuracy_torch", "knn_neighbors", "knn_predict", "knn_vote"]

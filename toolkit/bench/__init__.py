@@ -21,7 +21,7 @@ BENCHMARKS: dict[str, str] = {
     "loader": "toolkit.bench.loader",  # shard stream vs the seed's per-item PIL reading
     "step": "toolkit.bench.step",  # embed train step images/s: toolkit (Accelerate) vs a plain loop
     "mining": "toolkit.bench.mining",  # semi-hard mining: toolkit vs pytorch-metric-learning
-    "knn": "toolkit.bench.knn",  # validation kNN(13): blockwise torch vs scikit-learn, same predictions
+    "knn": "toolkit.bench.knn",  # validation kNN(13): faiss-screened, raw faiss, torch and scikit-learn side by side
     "scaling": "toolkit.bench.scaling",  # one vs two gloo processes: ms per step phase, images/s
     "openset": "toolkit.bench.openset",  # unseen classes: raw pixels vs a 5-minute embedder, retrieval metrics
     "gpu": "toolkit.bench.gpu",  # seed net at 220 on CUDA: images/s, share of peak FLOP/s (skips on CPU)
