@@ -98,6 +98,15 @@ def test_knn_bench_rejects_an_unknown_index_in_one_line():
     assert len(err) == 1 and "--approx" in err[0] and "hnsw" in err[0], r.stderr
 
 
+@pytest.mark.parametrize("bad, named", [(["--minutes", "0"], "--minutes"), (["--holdout", "0"], "--holdout")])
+def test_openset_bench_refuses_bad_options_before_any_work(tmp_path, bad, named):
+    r = run("bench", "openset", *bad, env_extra={"TOOLKIT_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 2
+    err = _lines(r.stderr)
+    assert len(err) == 1 and named in err[0], r.stderr
+    assert not (tmp_path / "cache").exists(), "no folder rendered or sharded"
+
+
 def test_unknown_benchmark_is_a_one_line_error():
     r = run("bench", "nope")
     assert r.returncode != 0
