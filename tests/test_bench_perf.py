@@ -48,22 +48,6 @@ def test_step_bench_prints_both_sides_and_ratio(tmp_path):
     assert report["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def test_knn_bench_matches_sklearn_and_prints_speedup(tmp_path):
-    out = tmp_path / "knn.json"
-    r = run("bench", "knn", "--sizes", "1500,5000", "--repeats", 1, "--out", out, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    header = _row(r.stdout, "| train N")
-    assert "toolkit s" in header and "sklearn s" in header and "speed-up" in header and "agreement" in header
-    for n in ("1,500", "5,000"):
-        cells = _row(r.stdout, f"| {n} |")
-        assert _num(cells[2]) > 0 and _num(cells[3]) > 0
-        assert re.match(r"\d+\.\d+×", cells[4]), cells
-        assert cells[5] == "1.000000"
-    report = json.loads(out.read_text())
-    assert [row["n_train"] for row in report["rows"]] == [1500, 5000]
-    assert all(row["mismatches"] == 0 and row["n_queries"] == round(0.15 * row["n_train"]) for row in report["rows"])
-
-
 def test_scaling_bench_one_vs_two_processes(tmp_path):
     out = tmp_path / "scaling.json"
     r = run("bench", "scaling", "--batch_size", 20, "--K", 2, "--warmup", 0, "--steps", 1, "--repeats", 1,

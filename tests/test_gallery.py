@@ -328,36 +328,39 @@ def test_search_reports_bad_files_and_draws_a_grid(base, small_index, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_command_line_index_search_and_add(base, tmp_path):
-    """`toolkit index`, `toolkit search --grid` and `toolkit index-add`, as a user types them."""
-    import subprocess
-    import sys
-    from pathlib import Path
+def test_command_line_index_search_and_add(base, tmp_path, capsys):
+    """`toolkit index`, `toolkit search --grid` and `toolkit index-add`, as a user types them
+    (the command line's own parsing and printing, in this process)."""
+    from toolkit.cli import main
 
-    toolkit = str(Path(sys.executable).with_name("toolkit"))
-
-    def run(*args):
-        return subprocess.run([toolkit, *map(str, args)], capture_output=True, text=True, timeout=300)
+    def run(*args) -> tuple[int, str, str]:
+        code = 0
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code
+        out = capsys.readouterr()
+        return code, out.out, out.err
 
     out = tmp_path / "gallery"
-    built = run("index", base["embed"], base["shards"], "--out", out, "--split", "train")
-    assert built.returncode == 0, built.stderr
-    assert f"into {out}" in built.stdout and "[flat, 32-d]" in built.stdout
+    code, stdout, stderr = run("index", base["embed"], base["shards"], "--out", out, "--split", "train")
+    assert code == 0, stderr
+    assert f"into {out}" in stdout and "[flat, 32-d]" in stdout
     query = sorted((base["images"] / "up").glob("*.png"))[0]
-    found = run("search", out, query, "--k", "3", "--grid", tmp_path / "hits.png")
-    assert found.returncode == 0, found.stderr
-    lines = found.stdout.splitlines()
+    code, stdout, stderr = run("search", out, query, "--k", "3", "--grid", tmp_path / "hits.png")
+    assert code == 0, stderr
+    lines = stdout.splitlines()
     assert lines[0] == str(query) and lines[1].split("\t")[2] == "up"
     with Image.open(tmp_path / "hits.png") as im:
         assert im.size[0] > 200
     new = tmp_path / "new.png"
     shutil.copy(sorted((base["images"] / "left").glob("*.png"))[0], new)
-    added = run("index-add", out, new, tmp_path / "missing.png")
-    assert added.returncode == 0, added.stderr
-    assert f"added 1 images to {out}" in added.stdout and "missing.png" in added.stdout
-    again = run("search", out, new, tmp_path / "missing.png", "--k", "1", "--json")
-    assert again.returncode == 1, "a missing query file is an error line and exit 1, the others are answered"
-    answers = json.loads(again.stdout)
+    code, stdout, stderr = run("index-add", out, new, tmp_path / "missing.png")
+    assert code == 0, stderr
+    assert f"added 1 images to {out}" in stdout and "missing.png" in stdout
+    code, stdout, _ = run("search", out, new, tmp_path / "missing.png", "--k", "1", "--json")
+    assert code == 1, "a missing query file is an error line and exit 1, the others are answered"
+    answers = json.loads(stdout)
     assert answers[0]["neighbours"][0]["path"] == str(new.resolve()) and "error" in answers[1]
-    bad = run("index", base["embed"], base["shards"], "--out", tmp_path / "g2", "--kind", "annoy")
-    assert bad.returncode == 2 and bad.stderr.startswith("error: index kind must be one of")
+    code, _, stderr = run("index", base["embed"], base["shards"], "--out", tmp_path / "g2", "--kind", "annoy")
+    assert code == 2 and stderr.startswith("error: index kind must be one of")
