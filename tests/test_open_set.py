@@ -70,6 +70,7 @@ def test_validator_reports_unseen_class_retrieval_and_selects_by_it(open_run_dir
                      "test/fnmr_at_fmr_0.01", "val/map_at_r", "val/recall_at_1"):
             assert 0.0 <= r[name] <= 1.0, name
     assert "unseen classes R@1" in open_run_dirs["out"]
+    assert "done: best kNN val accuracy" in open_run_dirs["out"] and "(chosen by best test/recall_at_1" in open_run_dirs["out"]
     best = max(r["test/recall_at_1"] for r in validations)
     summary = json.loads((open_run_dirs["embed"] / SUMMARY_FILE).read_text())
     assert summary["best/test/recall_at_1"] == pytest.approx(best)

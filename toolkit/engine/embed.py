@@ -260,7 +260,8 @@ def validate(model, state: TrainState, *, cfg: EmbedConfig, info: ShardInfo, acc
         metrics["val/best_knn_accuracy"] = state.best_knn
         metrics[f"best/{cfg.select_by}"] = -state.best if cfg.select_by in LOWER_IS_BETTER else state.best
         tracker.log(metrics, step=state.step)
-        chosen = "" if cfg.select_by == "val/knn_accuracy" else f", {cfg.select_by} {metrics.get(cfg.select_by, math.nan):.4f}"
+        shown = ("val/knn_accuracy", "val/precision_at_1", "val/map_at_r", "test/recall_at_1")  # printed anyway
+        chosen = "" if cfg.select_by in shown else f", {cfg.select_by} {metrics.get(cfg.select_by, math.nan):.4f}"
         unseen = f", unseen classes R@1 {metrics['test/recall_at_1']:.4f}" if "test/recall_at_1" in metrics else ""
         accelerator.print(
             f"step {state.step} epoch {state.epoch}: kNN@{cfg.knn_k} val acc {metrics['val/knn_accuracy']:.4f} "

@@ -89,8 +89,9 @@ def train(cfg: EmbedConfig, accelerator, run_dir: Path) -> int:
                 tracker.log_artifact(best, name="embedder", type="model", metadata=summary)
     if failed.exit_code is not None:
         return failed.exit_code
+    chosen = "" if cfg.select_by == "val/knn_accuracy" else f" (chosen by best {cfg.select_by} {summary[f'best/{cfg.select_by}']:.4f})"
     accelerator.print(
-        f"done: best kNN val accuracy {summary['best_knn_accuracy']:.4f} after {summary['steps']} steps "
+        f"done: best kNN val accuracy {summary['best_knn_accuracy']:.4f}{chosen} after {summary['steps']} steps "
         f"({summary['minutes']:.1f} min); best embedder: {run_dir / EMBEDDER_FILE}"
     )
     accelerator.end_training()
