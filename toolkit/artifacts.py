@@ -320,7 +320,8 @@ def default_device(device=None) -> torch.device:
     return torch.device(device)
 
 
-def _in_channels(state: dict) -> int:
+def in_channels(state: dict) -> int:
+    """Input channels of a saved embedder's state dict (1 grey, 3 RGB)."""
     # The first 4-D weight is the stem conv, (64, C, k, k), for ZFNet and the ResNets alike;
     # reading it keeps loading independent of the shard folder still being around.
     return int(next(v for v in state.values() if v.ndim == 4).shape[1])
@@ -332,7 +333,7 @@ def build_frozen_embedder(saved: EmbedderArtifact, device=None) -> torch.nn.Modu
 
     cfg = saved.config
     model = build_embedder(
-        arch=cfg["arch"], in_channels=_in_channels(saved.model), input_size=cfg["input_size"],
+        arch=cfg["arch"], in_channels=in_channels(saved.model), input_size=cfg["input_size"],
         embedding_dim=cfg["embedding_dim"],
     )
     model.load_state_dict(saved.model)

@@ -25,3 +25,10 @@ class NonFiniteLossError(RuntimeError):
 
 class TarError(Exception):
     """A damaged or non-tar shard (raised by the tar reader, skipped or reported by the stream)."""
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` (cut at ``limit``), for per-file reasons and one-line errors."""
+    text = str(exc).splitlines()[0][:limit] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+

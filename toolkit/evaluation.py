@@ -172,7 +172,7 @@ def _is_closed_set(info, split: str, run: Run) -> bool:
     if list(info.classes) != run.classes:
         return False
     counts = info.split(split, folder="shards").class_counts
-    held_out = set(getattr(info, "holdout_classes", []))
+    held_out = set(info.holdout_classes)
     return not (counts and any(counts.get(c) for c in held_out)) and not (split == "test" and held_out)
 
 
@@ -232,7 +232,7 @@ def run_split(
     keys, emb, labels = embed(split)  # (N,), (N, D), (N,)
     k = int(k or run.embedder.config.get("knn_k", 13))
     result = SplitResult(shards=shards, split=split, classes=run.classes, keys=keys, embeddings=emb, labels=labels, k=k,
-                         label_names=list(getattr(info, "all_classes", info.classes)), closed_set=closed)
+                         label_names=list(info.all_classes), closed_set=closed)
     if method in ("knn", "both"):
         if reference == "index" and not run.has_index:
             raise DataError(f"{run.embedder_path} holds no reference index: use reference=train")

@@ -56,22 +56,19 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from toolkit import search as faiss_search
-from toolkit.artifacts import Run, build_frozen_embedder, checked_preprocess, default_device, open_run
+from toolkit.artifacts import Run, build_frozen_embedder, checked_preprocess, default_device, in_channels, open_run
 from toolkit.data.folder import IMAGE_EXTENSIONS, list_image_folder
 from toolkit.data.location import is_local_location, is_remote
 from toolkit.data.shards import INFO_NAME, read_info
-from toolkit.data.transforms import to_model_input
-from toolkit.errors import DataError
+from toolkit.errors import DataError, one_line
 from toolkit.evaluation import embed_split
 from toolkit.files import (
     OwnedFolder, atomic_write, atomic_write_json, atomic_write_text, check_apart, check_replaceable, move_into_place,
     new_temp_folder, sha256_file,
 )
-from toolkit.inference import read_image, preprocess_params
-from toolkit.progress import progress as progress_bar
+from toolkit.inference import embed_files, preprocess_params
 
 __all__ = [
     "FORMAT_VERSION",
@@ -144,23 +141,13 @@ def _now() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc).splitlines()[0][:limit] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _brief(names: Sequence[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
 
 
-def _in_channels(run: Run) -> int:
-    # The stem conv's weight (64, C, k, k) is the first 4-D tensor of every embedder's state.
-    return int(next(v for v in run.embedder.model.values() if v.ndim == 4).shape[1])
-
-
 def _check_channels(run: Run, pre: dict, where) -> None:
     want = 1 if pre.get("grayscale", True) else 3
-    have = _in_channels(run)
+    have = in_channels(run.embedder.model)
     if want != have:
         raise DataError(
             f"{where}: images are {'grayscale' if want == 1 else 'RGB'} but the embedder {run.embedder_path} "
@@ -206,51 +193,6 @@ def _list_folder(root: Path) -> list[tuple[str, str]]:
     return rows + [(name, "") for name in loose]
 
 
-def _read_files(paths: Sequence[str], pre: dict) -> tuple[list[tuple[int, torch.Tensor]], list[tuple[int, str]]]:
-    """Read and preprocess ``paths`` -> ([(i, uint8 (C, H, W))], [(i, reason)] for the unreadable ones)."""
-    from PIL import Image
-
-    good, bad = [], []
-    for i, p in enumerate(paths):
-        try:
-            if not os.path.isfile(p):
-                bad.append((i, "no such file"))
-                continue
-            if os.path.getsize(p) == 0:
-                bad.append((i, "empty file (0 bytes)"))
-                continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)  # skipped, not an OOM
-                good.append((i, read_image(str(p), pre)))
-        except Exception as exc:  # noqa: BLE001 - any decode failure is reported for this file only
-            bad.append((i, f"not a readable image ({_one_line(exc)})"))
-    return good, bad
-
-
-@torch.no_grad()
-def _embed_files(model, paths: Sequence[str], pre: dict, *, input_size: int, device, batch_size: int,
-                 progress: bool = False, desc: str = "embed") -> tuple[list[int], np.ndarray, list[tuple[int, str]]]:
-    """Embed image files in chunks -> (indices embedded, float32 (n, D), [(index, reason)] unreadable)."""
-    done: list[int] = []
-    chunks: list[np.ndarray] = []
-    bad: list[tuple[int, str]] = []
-    bar = progress_bar(total=len(paths), desc=desc, enabled=progress, unit="img")
-    try:
-        for s in range(0, len(paths), batch_size):
-            good, failed = _read_files(paths[s : s + batch_size], pre)
-            bad += [(s + i, r) for i, r in failed]
-            if good:
-                # per image: originals kept at shard time (image_size None) may differ in size
-                x = torch.cat([to_model_input(t[None].to(device), input_size=input_size) for _, t in good])  # (b, C, S, S)
-                chunks.append(model(x).float().cpu().numpy())  # (b, D)
-                done += [s + i for i, _ in good]
-            bar.update(min(batch_size, len(paths) - s))
-    finally:
-        bar.close()
-    dim = chunks[0].shape[1] if chunks else 0
-    return done, (np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)), bad
-
-
 def _embed_shards(run: Run, model, shards: str, split, *, device, batch_size: int, num_workers: int):
     """Embed split(s) of a shard folder -> (items [(key, path, label)], float32 (N, D), skipped, split text)."""
     import pandas as pd
@@ -264,7 +206,7 @@ def _embed_shards(run: Run, model, shards: str, split, *, device, batch_size: in
             info.split(n, folder=shards)  # one line naming the splits there are
     if not names or not sum(info.splits[n].num_samples for n in names):
         raise DataError(f"{shards}: nothing to index (the splits {', '.join(names) or '(none)'} are empty)")
-    classes = list(getattr(info, "all_classes", info.classes))
+    classes = list(info.all_classes)
     pre = checked_preprocess(info.preprocess, shards)
     _check_channels(run, pre, shards)
     paths_by_key: dict[str, str] = {}
@@ -273,7 +215,7 @@ def _embed_shards(run: Run, model, shards: str, split, *, device, batch_size: in
         try:
             table = pd.read_csv(manifest, usecols=["key", "path"], dtype=str, keep_default_na=False)
         except Exception as exc:  # noqa: BLE001 - a damaged side file costs the paths, not the index
-            warnings.warn(f"{manifest}: unreadable ({_one_line(exc)}); items get no paths", stacklevel=3)
+            warnings.warn(f"{manifest}: unreadable ({one_line(exc)}); items get no paths", stacklevel=3)
         else:
             base = info.source or ""
             paths_by_key = {k: (os.path.join(base, p) if base and p else p) for k, p in zip(table["key"], table["path"])}
@@ -416,7 +358,7 @@ def build_index(
         pre = preprocess_params(run, shards)
         _check_channels(run, pre, root)
         paths = [os.path.abspath(root / rel) for rel, _ in rows]
-        done, vectors, bad = _embed_files(model, paths, pre, input_size=input_size, device=dev, batch_size=batch_size,
+        done, vectors, bad = embed_files(model, paths, pre, input_size=input_size, device=dev, batch_size=batch_size,
                                           progress=progress, desc=f"index {root.name}")
         items = [(rows[i][0], paths[i], rows[i][1]) for i in done]
         skipped = [(paths[i], reason) for i, reason in bad]
@@ -533,7 +475,7 @@ def _read_items(path: Path, count: int) -> list[dict]:
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except Exception as exc:  # noqa: BLE001 - any parse failure is one line
-        raise _bad(path, f"unreadable CSV ({_one_line(exc, 120)})") from None
+        raise _bad(path, f"unreadable CSV ({one_line(exc, 120)})") from None
     if list(table.columns) != ITEM_COLUMNS:
         raise _bad(path, f"columns must be {', '.join(ITEM_COLUMNS)}, got {_brief([str(c) for c in table.columns])}")
     if len(table) != count:
@@ -548,7 +490,7 @@ def _read_vectors(path: Path, *, count: int, dim: int) -> np.ndarray:
     try:
         vectors = np.load(path, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - ValueError for pickles, others for damage
-        raise _bad(path, f"not a readable .npy array ({_one_line(exc, 120)})") from None
+        raise _bad(path, f"not a readable .npy array ({one_line(exc, 120)})") from None
     if not isinstance(vectors, np.ndarray) or vectors.dtype != np.float32 or vectors.ndim != 2:
         raise _bad(path, f"expected a float32 (N, D) array, got {getattr(vectors, 'dtype', type(vectors).__name__)} of shape {getattr(vectors, 'shape', '?')}")
     if vectors.shape != (count, dim):
@@ -571,7 +513,7 @@ def load_index(index_dir: str | Path) -> GalleryIndex:
     try:
         meta = json.loads(meta_bytes)
     except ValueError as exc:
-        raise _bad(meta_path, f"not valid JSON ({_one_line(exc, 120)})") from None
+        raise _bad(meta_path, f"not valid JSON ({one_line(exc, 120)})") from None
     meta = _check_meta(meta, meta_path)
     try:
         spec = faiss_search.IndexSpec(**meta["spec"])
@@ -676,7 +618,7 @@ def add_to_index(
         opened = _recorded_run(gi, run)
         dev = default_device(device)
         model = build_frozen_embedder(opened.embedder, dev)
-        done, new_vectors, bad = _embed_files(
+        done, new_vectors, bad = embed_files(
             model, [p for _, p, _ in fresh], gi.meta["preprocess"], input_size=int(opened.embedder.config["input_size"]),
             device=dev, batch_size=batch_size, progress=progress, desc=f"add to {gi.path.name}")
         dropped += [(fresh[i][1], reason) for i, reason in bad]
@@ -728,7 +670,7 @@ def search_images(
     dev = default_device(device)
     model = build_frozen_embedder(opened.embedder, dev)
     paths = [str(p) for p in images]
-    done, emb, bad = _embed_files(model, paths, gi.meta["preprocess"], input_size=int(opened.embedder.config["input_size"]),
+    done, emb, bad = embed_files(model, paths, gi.meta["preprocess"], input_size=int(opened.embedder.config["input_size"]),
                                   device=dev, batch_size=batch_size)
     out: list[dict] = [{"path": p} for p in paths]
     for i, reason in bad:

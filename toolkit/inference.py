@@ -12,21 +12,25 @@ the k = 13 nearest, ties to the smallest class index (as scikit-learn's
 """
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from toolkit.artifacts import Run, build_frozen_embedder, checked_preprocess, default_device, load_head, open_run
 from toolkit.data.shards import load_and_preprocess, read_info
 from toolkit.data.transforms import to_model_input
-from toolkit.errors import DataError
+from toolkit.errors import DataError, one_line
+from toolkit.progress import progress as progress_bar
 from toolkit.evaluation import run_split
 from toolkit.knn import knn_vote
 from toolkit.search import nearest
 
-__all__ = ["export", "export_paths", "predict", "preprocess_params", "read_image"]
+__all__ = ["embed_files", "export", "export_paths", "predict", "preprocess_params", "read_files", "read_image"]
 
 
 # --------------------------------------------------------------------------- predict
@@ -54,6 +58,49 @@ def read_image(path: str, pre: dict) -> torch.Tensor:
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (C, H, W) uint8
+
+
+def read_files(paths: Sequence[str], pre: dict) -> tuple[list[tuple[int, torch.Tensor]], list[tuple[int, str]]]:
+    """Read and preprocess ``paths`` -> ([(i, uint8 (C, H, W))], [(i, reason)] for the unreadable ones)."""
+    good, bad = [], []
+    for i, p in enumerate(paths):
+        try:
+            if not os.path.isfile(p):
+                bad.append((i, "no such file"))
+                continue
+            if os.path.getsize(p) == 0:
+                bad.append((i, "not a readable image (empty file: 0 bytes)"))
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)  # skipped, not an OOM
+                good.append((i, read_image(str(p), pre)))
+        except Exception as exc:  # noqa: BLE001 - any decode failure is reported for this file only
+            bad.append((i, f"not a readable image ({one_line(exc)})"))
+    return good, bad
+
+
+@torch.no_grad()
+def embed_files(model, paths: Sequence[str], pre: dict, *, input_size: int, device, batch_size: int,
+                 progress: bool = False, desc: str = "embed") -> tuple[list[int], np.ndarray, list[tuple[int, str]]]:
+    """Embed image files in chunks -> (indices embedded, float32 (n, D), [(index, reason)] unreadable)."""
+    done: list[int] = []
+    chunks: list[np.ndarray] = []
+    bad: list[tuple[int, str]] = []
+    bar = progress_bar(total=len(paths), desc=desc, enabled=progress, unit="img")
+    try:
+        for s in range(0, len(paths), batch_size):
+            good, failed = read_files(paths[s : s + batch_size], pre)
+            bad += [(s + i, r) for i, r in failed]
+            if good:
+                # per image: originals kept at shard time (image_size None) may differ in size
+                x = torch.cat([to_model_input(t[None].to(device), input_size=input_size) for _, t in good])  # (b, C, S, S)
+                chunks.append(model(x).float().cpu().numpy())  # (b, D)
+                done += [s + i for i, _ in good]
+            bar.update(min(batch_size, len(paths) - s))
+    finally:
+        bar.close()
+    dim = chunks[0].shape[1] if chunks else 0
+    return done, (np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)), bad
 
 
 def predict(
@@ -101,35 +148,25 @@ def predict(
         k = int(k or run.embedder.config.get("knn_k", 13))
 
     out: list[dict] = [{"path": str(p)} for p in images]
-    good: list[tuple[int, torch.Tensor]] = []
-    for i, p in enumerate(images):
-        if not Path(p).is_file():
-            out[i]["error"] = "no such file"
-            continue
-        try:
-            good.append((i, read_image(str(p), pre)))
-        except Exception as exc:  # noqa: BLE001 - any decode failure is reported for this file only
-            out[i]["error"] = f"not a readable image ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-    classes = run.classes
-    for s in range(0, len(good), batch_size):
-        chunk = good[s : s + batch_size]
-        # per image: originals kept at shard time (image_size None) may differ in size
-        x = torch.cat([to_model_input(t[None].to(dev), input_size=input_size) for _, t in chunk])  # (b, C, S, S)
-        with torch.no_grad():
-            emb = model(x)  # (b, D)
-            if head is not None:
-                conf, pred = head(emb).exp().max(1)  # softmax probability of the top class
-            else:
-                pred, conf = knn_vote(ref, ref_y, emb, k=k)  # vote share
-        for (i, _), p, c in zip(chunk, pred.tolist(), conf.tolist()):
-            out[i].update(label=classes[p], confidence=float(c))
-        if unknown:
-            dist2, _ = nearest(ref, emb, 1)  # (b, 1) squared distance to the nearest train embedding
-            for (i, _), d2 in zip(chunk, dist2[:, 0].tolist()):
-                d = float(np.sqrt(max(d2, 0.0)))
-                out[i].update(distance=d, threshold=float(threshold))
-                if d > threshold:
-                    out[i]["label"] = "unknown"
+    done, emb, bad = embed_files(model, [str(p) for p in images], pre, input_size=input_size, device=dev,
+                                 batch_size=batch_size)  # (n, D) float32 for the readable ones
+    for i, reason in bad:
+        out[i]["error"] = reason
+    emb = torch.from_numpy(emb)
+    with torch.no_grad():
+        if head is not None:
+            conf, pred = head(emb.to(dev)).exp().max(1)  # softmax probability of the top class
+        else:
+            pred, conf = knn_vote(ref, ref_y, emb.to(dev), k=k)  # vote share
+    for i, p, c in zip(done, pred.tolist(), conf.tolist()):
+        out[i].update(label=run.classes[p], confidence=float(c))
+    if unknown and done:
+        dist2, _ = nearest(ref, emb, 1)  # (n, 1) squared distance to the nearest train embedding
+        for i, d2 in zip(done, dist2[:, 0].tolist()):
+            d = float(np.sqrt(max(d2, 0.0)))
+            out[i].update(distance=d, threshold=float(threshold))
+            if d > threshold:
+                out[i]["label"] = "unknown"
     return out
 
 

@@ -25,7 +25,6 @@ from toolkit.bench import data_root, log, require_ints, write_json
 from toolkit.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
-COLUMNS = ("recall_at_1", "recall_at_5", "recall_at_10", "map_at_r", "r_precision", "roc_auc", "fnmr_at_fmr_0.01")
 
 
 def _shards(per_class: int, holdout: int, seed: int) -> Path:
@@ -73,6 +72,7 @@ def main(*, holdout: int = 12, per_class: int = 120, minutes: float = 5.0, proce
     from toolkit.data.shards import read_info
     from toolkit.evaluation import evaluate, raw_pixel_embeddings, split_retrieval, split_roles
     from toolkit.knn import knn_accuracy
+    from toolkit.report import OPEN_SET_COLUMNS, OPEN_SET_HEADS
 
     shards = _shards(per_class, holdout, seed)
     info = read_info(shards)
@@ -94,14 +94,14 @@ def main(*, holdout: int = 12, per_class: int = 120, minutes: float = 5.0, proce
     name = f"fast.yaml, {took:.1f} min (cap {minutes:g}), {processes} CPU processes"
     rows[name] = trained
 
-    heads = ["R@1", "R@5", "R@10", "MAP@R", "R-prec.", "ROC AUC", "FNMR@FMR=1e-2"]
+    heads = [OPEN_SET_HEADS[c] for c in OPEN_SET_COLUMNS]
     print(f"\nopen set: {len(info.holdout_classes)} held-out classes ({', '.join(info.holdout_classes)}), "
           f"{test['num_samples']} test images, leave-one-out; closed set: {len(info.classes)} classes, "
           f"val {info.splits['val'].num_samples} vs train {info.splits['train'].num_samples}; training took {took:.1f} min wall\n")
     print("| embeddings | " + " | ".join(heads) + " | closed-set kNN(13) val acc |")
     print("| --- |" + " ---: |" * (len(heads) + 1))
     for label, m in rows.items():
-        print(f"| {label} | " + " | ".join(f"{m[c]:.4f}" for c in COLUMNS) + f" | {m['knn_accuracy']:.4f} |")
+        print(f"| {label} | " + " | ".join(f"{m[c]:.4f}" for c in OPEN_SET_COLUMNS) + f" | {m['knn_accuracy']:.4f} |")
     gain = rows[name]["recall_at_1"] - raw["recall_at_1"]
     print(f"\nunseen-class Recall@1: embedder - raw pixels = {gain:+.4f} (target >= +0.15)")
     if test.get("open_set"):

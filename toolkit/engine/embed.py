@@ -219,6 +219,11 @@ def selection_score(metrics: dict, select_by: str) -> float:
     return -value if select_by in LOWER_IS_BETTER else value
 
 
+def best_value(state: TrainState, select_by: str) -> float:
+    """The best ``select_by`` so far, as the metric reads (``state.best`` is negated when lower is better)."""
+    return -state.best if select_by in LOWER_IS_BETTER else state.best
+
+
 def validate(model, state: TrainState, *, cfg: EmbedConfig, info: ShardInfo, accelerator, tracker) -> dict:
     """Every rank embeds its share of train, val (and test); rank 0 scores, keeps the best embedder, logs.
 
@@ -258,7 +263,7 @@ def validate(model, state: TrainState, *, cfg: EmbedConfig, info: ShardInfo, acc
                                                 step=state.step, index=index, unknown=unknown)
             atomic_torch_save(saved.to_payload(), Path(cfg.run_dir) / EMBEDDER_FILE)
         metrics["val/best_knn_accuracy"] = state.best_knn
-        metrics[f"best/{cfg.select_by}"] = -state.best if cfg.select_by in LOWER_IS_BETTER else state.best
+        metrics[f"best/{cfg.select_by}"] = best_value(state, cfg.select_by)
         tracker.log(metrics, step=state.step)
         shown = ("val/knn_accuracy", "val/precision_at_1", "val/map_at_r", "test/recall_at_1")  # printed anyway
         chosen = "" if cfg.select_by in shown else f", {cfg.select_by} {metrics.get(cfg.select_by, math.nan):.4f}"
@@ -377,7 +382,7 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
     save()  # a run that had nothing left to do (resumed at its end) still leaves its checkpoint
     summary = {
         "best_knn_accuracy": state.best_knn, "steps": state.step, "epochs": state.epoch,
-        f"best/{cfg.select_by}": -state.best if cfg.select_by in LOWER_IS_BETTER else state.best,
+        f"best/{cfg.select_by}": best_value(state, cfg.select_by),
         "minutes": (time.time() - start) / 60, "skipped_samples": skipped_data,
     }
     if main:
