@@ -179,3 +179,14 @@ def launch_two_cpu(script: str | Path, *args, timeout: float, what: str) -> subp
         output, _ = proc.communicate()
         pytest.fail(f"{what} hung (> {timeout} s):\n{output[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, output, "")
+
+
+def one_font() -> Path:
+    """One font file that draws all 62 characters (DejaVu Sans where a fresh machine has it)."""
+    from toolkit.datasets import FONT_ROOT, discover_fonts
+
+    for root in (FONT_ROOT / "truetype" / "dejavu", FONT_ROOT):
+        found = discover_fonts(root) if root.is_dir() else []
+        if found:
+            return found[0]
+    pytest.fail(f"no font drawing 0-9, A-Z, a-z under {FONT_ROOT}: install fonts-dejavu-core")

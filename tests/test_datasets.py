@@ -12,6 +12,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.neighbors import KNeighborsClassifier
 
+from conftest import one_font
 from toolkit import datasets
 from toolkit.datasets import (
     CHAR_CLASSES,
@@ -97,7 +98,7 @@ def test_generator_refuses_to_replace_a_foreign_folder(tmp_path):
 
 
 def test_chars_folder_has_62_case_safe_classes_of_requested_size(tmp_path):
-    out = write_chars_folder(tmp_path / "c", per_class=3, size=40)
+    out = write_chars_folder(tmp_path / "c", per_class=3, size=40, fonts=[one_font()])  # a regular weight: std > 10
     names = class_dirs(out)
     assert len(names) == 62
     assert len({n.lower() for n in names}) == 62  # distinct on case-insensitive file systems
@@ -133,11 +134,41 @@ def test_chars_regenerates_when_parameters_change(tmp_path):
 
 def test_chars_without_fonts_raise_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "FONT_ROOT", tmp_path / "no-fonts")
-    with pytest.raises(FileNotFoundError, match="TrueType"):
+    with pytest.raises(FileNotFoundError, match=r"no fonts \(\*\.ttf, \*\.otf\)"):
         write_chars_folder(tmp_path / "c", per_class=1, size=16)
     with pytest.raises(FileNotFoundError):
         write_chars_folder(tmp_path / "c", per_class=1, size=16, fonts=[tmp_path / "nope.ttf"])
     assert not (tmp_path / "c").exists()
+
+
+def _families(tmp_path, faces: dict[str, int]) -> Path:
+    """A font tree of copies of one usable font: ``faces`` = {family folder: faces in it}."""
+    font = one_font()
+    root = tmp_path / "fonts"
+    for family, n in faces.items():
+        (root / family).mkdir(parents=True)
+        for i in range(n):  # FreeType reads the format from the bytes, so a .ttf copied to .otf loads
+            (root / family / f"{family}-{i}{'.otf' if i % 2 else '.ttf'}").write_bytes(font.read_bytes())
+    (root / "notes.txt").write_text("not a font")
+    (root / "broken.ttf").write_bytes(b"not a font either")
+    return root
+
+
+def test_discover_fonts_takes_otf_too_and_caps_faces_per_family(tmp_path):
+    root = _families(tmp_path, {"big": 7, "small": 1})
+    found = datasets.discover_fonts(root)
+    assert len(found) == 8 and {p.suffix for p in found} == {".ttf", ".otf"}  # broken.ttf and notes.txt left out
+    capped = datasets.discover_fonts(root, per_family=2)
+    assert [p.parent.name for p in capped] == ["big", "big", "small"]
+    assert capped[0].name == "big-0.ttf" and capped[1].name != "big-1.otf"  # spread over the family, not its first two
+
+
+def test_discover_fonts_leaves_out_fonts_whose_lower_case_is_their_capitals(tmp_path, monkeypatch):
+    root = _families(tmp_path, {"caps": 1})
+    assert len(datasets.discover_fonts(root)) == 1
+    real = datasets._glyph_bytes
+    monkeypatch.setattr(datasets, "_glyph_bytes", lambda font, ch: real(font, ch.upper()))  # an all-caps font
+    assert datasets.discover_fonts(root) == []  # 'a' and 'A' would be one image under two labels
 
 
 def test_chars_task_is_learnable_but_not_trivial_for_raw_pixel_knn(chars40):

@@ -5,7 +5,7 @@ Three data sets, all produced locally without any download:
 * :func:`write_digits_folder` — scikit-learn's bundled handwritten digits (1,797 real 8×8
   images, 10 classes), written as grayscale PNGs.
 * :func:`write_chars_folder` — a 62-class character set (``0-9``, ``A-Z``, ``a-z``) rendered
-  from the machine's TrueType fonts with random affine jitter, blur and pixel noise.  Hard
+  from the machine's fonts (TrueType or OpenType) with random affine jitter, blur and pixel noise.  Hard
   enough that raw-pixel kNN is far from perfect, learnable enough that an embedder helps.
 * :func:`write_camera_folder` — synthetic "camera-size" RGB originals (default 1200×900), for
   benchmarking the cost of decoding and resizing large originals.
@@ -44,6 +44,7 @@ __all__ = [
     "char_class_name",
     "default_cache_dir",
     "default_data_dir",
+    "FONT_SUFFIXES",
     "discover_fonts",
     "write_camera_folder",
     "write_chars_folder",
@@ -244,15 +245,33 @@ def char_class_name(ch: str) -> str:
     raise ValueError(f"not a character class: {ch!r}")
 
 
-def discover_fonts(root: str | os.PathLike | None = None) -> list[Path]:
-    """All ``*.ttf`` files under ``root`` (recursively, sorted) that can draw all 62 classes.
+FONT_SUFFIXES = (".ttf", ".otf")
+"""Font files :func:`discover_fonts` considers (TrueType and OpenType/CFF; FreeType draws both)."""
 
-    ``root=None`` means :data:`FONT_ROOT` (``/usr/share/fonts``).  Fonts that fail to load or
-    lack a glyph for any of :data:`CHAR_CLASSES` are left out.
+
+def discover_fonts(root: str | os.PathLike | None = None, *, per_family: int = 0) -> list[Path]:
+    """Font files under ``root`` (recursively, sorted) that draw all 62 classes distinctly.
+
+    ``root=None`` means :data:`FONT_ROOT` (``/usr/share/fonts``). A font is left out when it
+    fails to load, lacks a glyph for any of :data:`CHAR_CLASSES`, or draws a lower-case
+    letter exactly as its capital (all-caps display fonts: ``a`` and ``A`` would be one
+    image under two labels). ``per_family`` > 0 keeps at most that many faces per folder
+    (a package's family: Regular, Bold, Italic...), spread evenly over the sorted names, so
+    a family of 38 faces does not outweigh a handwriting font of one.
     """
     root = Path(FONT_ROOT if root is None else root)
-    candidates = sorted(p for p in root.rglob("*") if p.suffix.lower() == ".ttf") if root.is_dir() else []
-    return [p for p in candidates if _font_covers_classes(p)]
+    candidates = sorted(p for p in root.rglob("*") if p.suffix.lower() in FONT_SUFFIXES) if root.is_dir() else []
+    usable = [p for p in candidates if _font_covers_classes(p)]
+    if per_family <= 0:
+        return usable
+    families: dict[Path, list[Path]] = {}
+    for p in usable:
+        families.setdefault(p.parent, []).append(p)
+    kept = []
+    for faces in families.values():
+        step = len(faces) / min(per_family, len(faces))
+        kept += [faces[int(i * step)] for i in range(min(per_family, len(faces)))]
+    return sorted(kept)
 
 
 def _glyph_bytes(font: ImageFont.FreeTypeFont, ch: str) -> bytes:
@@ -265,13 +284,14 @@ def _font_covers_classes(path: Path) -> bool:
     try:
         font = ImageFont.truetype(str(path), 32)
         notdef = _glyph_bytes(font, "\U0010fffd")  # private-use code point: the .notdef box
+        glyphs = {}
         for ch in CHAR_CLASSES:
-            glyph = _glyph_bytes(font, ch)
+            glyph = glyphs[ch] = _glyph_bytes(font, ch)
             if glyph == notdef or not any(glyph):
                 return False
     except OSError:
         return False
-    return True
+    return not any(glyphs[ch] == glyphs[ch.lower()] for ch in CHAR_CLASSES if ch.isupper())
 
 
 _FONT_CACHE: dict[tuple[str, int], ImageFont.FreeTypeFont] = {}
@@ -342,8 +362,8 @@ def write_chars_folder(
         per_class: images per class.
         size: image side in pixels.
         seed: random seed.
-        fonts: TrueType font files to draw from; ``None`` discovers every ``*.ttf`` under
-            ``/usr/share/fonts`` that covers all 62 characters.
+        fonts: font files to draw from; ``None`` discovers every ``*.ttf`` / ``*.otf`` under
+            ``/usr/share/fonts`` that draws all 62 characters (:func:`discover_fonts`).
         overwrite: rebuild even if a complete folder with these parameters exists.
         progress: show a progress bar (``None``: only on an interactive terminal).
 
@@ -359,7 +379,7 @@ def write_chars_folder(
         font_paths = [str(p) for p in discover_fonts()]
         if not font_paths:
             raise FileNotFoundError(
-                f"no TrueType fonts (*.ttf) covering 0-9, A-Z, a-z found under {FONT_ROOT}; "
+                f"no fonts (*.ttf, *.otf) drawing 0-9, A-Z, a-z found under {FONT_ROOT}; "
                 "install some (e.g. `apt-get install fonts-dejavu-core`) or pass fonts=[...]"
             )
     else:
