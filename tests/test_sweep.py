@@ -15,7 +15,7 @@ from conftest import free_port, make_image_folder
 from toolkit.config import _field_types, load_config
 from toolkit.errors import ConfigError
 from toolkit.data.shards import write_shards
-from toolkit.sweep import STAGES, expand_command, load_sweep, sample_parameters, stage_of
+from toolkit.sweep import STAGES, expand_command, grid_parameters, load_sweep, sample_parameters, stage_of
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
@@ -35,8 +35,8 @@ def test_sweep_file_metric_and_parameters_are_real(path):
     assert set(spec["parameters"]) <= set(_field_types(cfg_cls))
     # every sampled trial is a valid config (e.g. P×K fits the batch)
     base = yaml.safe_load((ROOT / spec["command"][spec["command"].index("--config") + 1]).read_text())
-    for seed in range(20):
-        params = sample_parameters(spec, seed=seed)
+    points = grid_parameters(spec) if spec["method"] == "grid" else [sample_parameters(spec, seed=s) for s in range(20)]
+    for params in points:
         load_config(cfg_cls, None, {**base, **params})
 
 
@@ -121,6 +121,45 @@ def test_agent_command_runs_offline_on_two_cpu_processes(tmp_path):
     assert len(runs) == 1
     log = next(runs[0].glob("run-*.wandb")).read_bytes()
     assert b"val/best_knn_accuracy" in log and b"margin" in log and b"embedder" in log
+
+
+@pytest.mark.slow
+def test_a_local_grid_sweep_runs_its_first_points_and_prints_them_ranked(tmp_path):
+    folder = make_image_folder(tmp_path / "imgs", sizes={c: 14 for c in "abcd"}, size=(16, 16))
+    shards = tmp_path / "shards"
+    write_shards(folder, shards, image_size=16, samples_per_shard=20, workers=1, progress=False)
+    tiny = ["input_size=16", "batch_size=8", "P=2", "K=4", "max_steps=2", "epochs=0", "num_workers=0",
+            "eval_batch_size=16", "tracker=none", "progress=false"]
+    spec = {"program": "launch/embed.py", "method": "grid",
+            "metric": {"name": "val/best_knn_accuracy", "goal": "maximize"},
+            "parameters": {"shards": {"value": str(shards)}, "lr": {"values": [0.0001, 0.003]},
+                           "margin": {"values": [0.2, 0.5]}},
+            "command": ["${env}", "${interpreter}", "${program}", *tiny, "${args}"]}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([str(VENV_BIN / "toolkit"), "sweep", str(path), "--local", "2", "--runs", str(tmp_path / "trials")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "trials").iterdir()) == ["trial-000", "trial-001"]  # the first 2 of 4
+    assert "--lr=0.0001 --margin=0.2" in r.stdout and "--lr=0.0001 --margin=0.5" in r.stdout
+    table = [line for line in r.stdout.splitlines() if line.startswith("| ") and "trial-" in line]
+    assert len(table) == 2
+    values = [float(line.split("|")[2]) for line in table]
+    assert values == sorted(values, reverse=True) and all(0.0 <= v <= 1.0 for v in values)
+    for line in table:  # each row's value is what that trial's validator logged
+        run = Path(line.split("|")[-2].strip())
+        logged = [json.loads(x).get("val/best_knn_accuracy") for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert float(line.split("|")[2]) == pytest.approx(max(v for v in logged if v is not None), abs=1e-4)
+
+
+def test_grid_points_come_in_the_agents_order_and_distributions_are_refused():
+    # W&B's grid sorts the parameters by name (the last varies fastest), whatever the file's order
+    spec = {"parameters": {"c": {"values": [3, 4]}, "b": {"value": "x"}, "a": {"values": [2, 1]}}}
+    assert grid_parameters(spec) == [{"a": 2, "b": "x", "c": 3}, {"a": 2, "b": "x", "c": 4},
+                                     {"a": 1, "b": "x", "c": 3}, {"a": 1, "b": "x", "c": 4}]
+    with pytest.raises(ConfigError, match="grid sweep takes value or values"):
+        grid_parameters({"parameters": {"lr": {"min": 0.1, "max": 1.0}}})
 
 
 # --------------------------------------------------------------------------- a sweep file is data

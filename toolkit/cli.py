@@ -461,13 +461,15 @@ def sweep(
     dry_run: bool = False,
     local: int = 0,
     seed: int = 0,
+    runs: str = "runs/sweep-local",
 ):
     """Create a W&B sweep from FILE (configs/sweeps/*.yaml) and run trials with the W&B agent.
 
     Each trial is the sweep's command, e.g. `accelerate launch launch/embed.py --config ...
     --lr=0.003 --margin=0.2 ...`: the same entry point as any run, on as many processes as the
     accelerate config says. Sweeps need a W&B server (run `wandb login`); offline, use
-    --dry_run to print the commands or --local N to run N random-search trials here.
+    --dry_run to print the commands or --local N to run N trials here (the first N points of a
+    grid sweep, random samples otherwise) and print them ranked by the sweep's metric.
 
     Args:
         file: sweep file in W&B's format; checked first (metric logged by the validator, parameters are config keys).
@@ -475,21 +477,25 @@ def sweep(
         project: W&B project.
         entity: W&B entity (user or team); empty = your default.
         dry_run: print a sampled trial's parameters and the exact command the agent would run, then stop.
-        local: run this many trials offline with parameters sampled here (random search), no W&B server needed.
+        local: run this many trials offline (grid: its first N points; otherwise random search), no W&B server needed.
         seed: seed of the local sampling.
+        runs: parent folder of the local trials' run folders (trial-000, trial-001, ...).
     """
-    from toolkit.sweep import create_and_run, expand_command, load_sweep, run_local, sample_parameters
+    from toolkit.sweep import (
+        create_and_run, expand_command, grid_parameters, load_sweep, results_table, run_local, sample_parameters,
+    )
 
     spec = load_sweep(file)
     if dry_run:
-        params = sample_parameters(spec, seed=seed)
+        params = grid_parameters(spec)[0] if spec["method"] == "grid" else sample_parameters(spec, seed=seed)
         print("parameters:", params)
         print("command:", " ".join(expand_command(spec, params)))
         return
     if local:
-        results = run_local(spec, trials=local, seed=seed)
+        results = run_local(spec, trials=local, seed=seed, run_root=runs)
         failed = [r for r in results if r["returncode"]]
-        print(f"{len(results) - len(failed)}/{len(results)} trials finished; runs in runs/sweep-local/")
+        print(f"\n{len(results) - len(failed)}/{len(results)} trials finished; runs in {runs}/\n")
+        print("\n".join(results_table(results, spec["metric"]["name"], spec["metric"].get("goal", "maximize"))))
         if failed:
             sys.exit(1)
         return

@@ -12,6 +12,7 @@ trials locally with parameters sampled here (``toolkit sweep FILE --local N``).
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
@@ -183,20 +184,66 @@ def trial_run_dir(run_dir: str) -> str:
     return str(Path(run_dir) / f"sweep-{sweep}" / run) if sweep and run else run_dir
 
 
+def grid_parameters(spec: dict) -> list[dict[str, Any]]:
+    """Every combination of a grid sweep's ``values``, in W&B's order: parameters sorted by name,
+    the last one varying fastest, each one's values in the file's order."""
+    names, choices = [], []
+    for name, p in sorted(spec["parameters"].items()):
+        if "value" in p:
+            names.append(name), choices.append([p["value"]])
+        elif "values" in p:
+            names.append(name), choices.append(list(p["values"]))
+        else:
+            raise ConfigError(f"parameter {name}: a grid sweep takes value or values, not a distribution")
+    return [dict(zip(names, combo)) for combo in itertools.product(*choices)]
+
+
+def trial_result(run_dir: str | Path, metric: str, goal: str = "maximize") -> float | None:
+    """The best value of ``metric`` a finished trial logged (``metrics.jsonl``), or None."""
+    from toolkit.tracking import read_metrics
+
+    values = [float(r[metric]) for r in read_metrics(run_dir) if isinstance(r.get(metric), (int, float))]
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return None
+    return min(finite) if goal == "minimize" else max(finite)
+
+
 def run_local(spec: dict, *, trials: int, seed: int = 0, run_root: str = "runs/sweep-local") -> list[dict]:
-    """Random search without a W&B server: run the agent's exact command per trial."""
+    """Trials without a W&B server, each the agent's exact command: the first ``trials`` points of
+    a ``grid`` sweep, random samples otherwise. Returns one record per trial, with its metric."""
     import os
     import subprocess
 
+    metric, goal = spec["metric"]["name"], spec["metric"].get("goal", "maximize")
+    if spec["method"] == "grid" and trials > len(grid_parameters(spec)):
+        print(f"the grid has {len(grid_parameters(spec))} points: running all of them, not {trials}", flush=True)
+    points = grid_parameters(spec)[:trials] if spec["method"] == "grid" else [
+        sample_parameters(spec, seed=seed + i) for i in range(trials)]
     results = []
-    for i in range(trials):
-        params = sample_parameters(spec, seed=seed + i)
-        params["run_dir"] = f"{run_root}/trial-{i:03d}"
+    for i, params in enumerate(points):
+        params = dict(params, run_dir=f"{run_root}/trial-{i:03d}")
         argv = expand_command(spec, params)
-        print(f"[trial {i + 1}/{trials}] {' '.join(argv)}", flush=True)
+        print(f"[trial {i + 1}/{len(points)}] {' '.join(argv)}", flush=True)
         rc = subprocess.run(argv, env={**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}).returncode
-        results.append({"trial": i, "params": params, "returncode": rc})
+        value = trial_result(params["run_dir"], metric, goal) if rc == 0 else None  # a failed trial ranks last
+        results.append({"trial": i, "params": params, "returncode": rc, metric: value})
     return results
+
+
+def results_table(results: list[dict], metric: str, goal: str = "maximize") -> list[str]:
+    """Markdown lines ranking the trials by ``metric`` (best first; failed trials last), with
+    the parameters that differ between them (all of them for a single trial)."""
+    names = [k for k in results[0]["params"] if k != "run_dir"] if results else []
+    varying = [k for k in names if len({repr(r["params"][k]) for r in results}) > 1]
+    names = varying if len(results) > 1 else names
+    sign = 1.0 if goal == "minimize" else -1.0
+    ranked = sorted(results, key=lambda r: (r[metric] is None, sign * (r[metric] or 0.0)))
+    lines = [f"| rank | {metric} | " + " | ".join(names) + " | run |", "| ---: | ---: |" + " --- |" * (len(names) + 1)]
+    for n, r in enumerate(ranked, 1):
+        value = f"{r[metric]:.4f}" if r[metric] is not None else f"failed (exit {r['returncode']})"
+        lines.append(f"| {n} | {value} | " + " | ".join(str(r["params"][k]) for k in names) + f" | {r['params']['run_dir']} |")
+    return lines
 
 
 def create_and_run(spec: dict, *, count: int, project: str, entity: str | None = None) -> str:
