@@ -154,6 +154,23 @@ def test_scheduler_warmup_then_constant():
     assert _lrs("cosine", warmup=0, total=4) == pytest.approx([1.0, 0.5 * (1 + np.cos(np.pi / 4)), 0.5, 0.5 * (1 + np.cos(3 * np.pi / 4)), 0.0])
 
 
+def test_a_time_budget_drives_the_cosine_when_it_runs_out_before_the_steps():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    clock = {"spent": 0.0}
+    sched = build_scheduler(opt, schedule="cosine", warmup_steps=2, total_steps=102, time_spent=lambda: clock["spent"])
+    lrs = []
+    for step in range(12):
+        clock["spent"] = step / 10  # the clock runs 10x faster than the 100 post-warm-up steps
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:2] == pytest.approx([0.5, 1.0])  # warm-up by steps, as before
+    # after warm-up: the time fraction (set before the previous step) is further along than the steps
+    assert lrs[6] == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.5)))
+    assert lrs[11] == pytest.approx(0.0, abs=1e-12)  # annealed when the clock says the budget is spent
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
 # ----------------------------------------------------------------------------- one real run
 
 # 68 train samples / batch 16 = 4 steps per epoch. epochs=3 would be 12 steps; max_steps=10
@@ -334,12 +351,20 @@ def test_a_time_budget_alone_trains_until_the_deadline(tmp_path):
     shards = shard(make_separable_folder(tmp_path / "img", per_class=12), tmp_path / "shards")
     rc, out = run_launch("embed", [
         f"shards={shards}", f"run_dir={tmp_path / 'run'}", "input_size=16", "batch_size=8", "K=2", "max_steps=0", "epochs=0",
-        "max_minutes=0.05", "num_workers=0", "tracker=none", "progress=false",
+        "max_minutes=0.05", "num_workers=0", "tracker=none", "progress=false", "schedule=cosine", "lr=0.001",
+        "log_every=1",
     ])
     assert rc == 0, out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] > 0 and summary["best_knn_accuracy"] >= 0
     assert (tmp_path / "run" / "best_embedder.pt").is_file()
+    # No step budget: the cosine follows the clock, from the base rate down to ~0 at the deadline.
+    lrs = [r["train/lr"] for r in read_metrics(tmp_path / "run") if "train/lr" in r]
+    assert lrs[0] > 0.5 * 0.001 and lrs[-1] < 0.5 * 0.001, lrs  # the last rate used the clock of the step before
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    from toolkit.checkpoint import CheckpointManager
+
+    assert 0.05 * 60 <= CheckpointManager(tmp_path / "run" / "checkpoints").load_latest()["seconds"] < 0.05 * 60 + 30
 
 
 def test_a_folder_with_an_earlier_runs_files_is_refused_without_resume_or_overwrite(tmp_path, capsys):

@@ -248,13 +248,13 @@ class EmbedConfig:
     # optimiser (Adam) and schedule
     lr: float = 1e-3
     weight_decay: float = 0.0
-    schedule: Literal["constant", "cosine"] = "constant"
+    schedule: Literal["constant", "cosine"] = "constant"  # cosine: to 0 at the end of the budget (steps, or max_minutes if it ends first)
     warmup_steps: int = 0
     grad_clip: float = 0.0  # max grad norm; 0 = off
     # budget: whichever comes first (0 = unlimited)
     epochs: int = 10
     max_steps: int = 0
-    max_minutes: float = 0.0
+    max_minutes: float = 0.0  # of training (validation included, setup not), on rank 0's clock
     # validation (rank 0, kNN on the embeddings)
     val_every: int = 1  # epochs
     knn_k: int = 13

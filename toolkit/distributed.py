@@ -33,6 +33,15 @@ def any_rank(flag: bool, device) -> bool:
     return bool(t.item() > 0)
 
 
+def float_from_main(value: float, device) -> float:
+    """Rank 0's ``value`` on every rank (one tiny broadcast): one clock for all, say."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return float(t.item())
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     """``[obj of rank 0, obj of rank 1, ...]`` on every rank (pickled: small objects only)."""
     if not is_distributed():

@@ -26,7 +26,7 @@ from toolkit.files import atomic_torch_save
 from toolkit.config import LOWER_IS_BETTER, EmbedConfig
 from toolkit.errors import ConfigError, NonFiniteLossError
 from toolkit.data.shards import ShardInfo, read_info
-from toolkit.distributed import all_gather_object, any_rank, buffers_from_main, from_main
+from toolkit.distributed import all_gather_object, any_rank, buffers_from_main, float_from_main, from_main
 from toolkit.data.stream import ShardStream, make_loader
 from toolkit.data.transforms import random_affine, to_model_input
 from toolkit.evaluation import (
@@ -37,16 +37,23 @@ from toolkit.models import build_embedder
 from toolkit.progress import progress
 
 
-def build_scheduler(optimizer, *, schedule: str, warmup_steps: int, total_steps: int):
-    """Linear warm-up, then constant or cosine decay to 0 over ``total_steps``."""
+def build_scheduler(optimizer, *, schedule: str, warmup_steps: int, total_steps: int, time_spent=None):
+    """Linear warm-up, then constant or cosine decay to 0 over the budget.
+
+    The cosine runs over the steps after warm-up; with ``time_spent`` (a callable giving the
+    fraction of a wall-clock budget used, 0..1) it follows whichever of the two is further
+    along, so a run stopped by the clock has annealed to 0 when it stops.
+    """
 
     def factor(step: int) -> float:
         if warmup_steps and step < warmup_steps:
             return (step + 1) / warmup_steps
-        if schedule == "cosine" and total_steps > warmup_steps:
-            t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-            return 0.5 * (1.0 + math.cos(math.pi * t))
-        return 1.0
+        if schedule != "cosine":
+            return 1.0
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps) if total_steps > warmup_steps else 0.0
+        if time_spent is not None:
+            t = max(t, time_spent())
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -140,41 +147,70 @@ class TrainState:
     best: float = -math.inf  # best value of select_by so far (negated when lower is better)
     best_map: float = -1.0  # its val MAP@R (breaks ties: accuracy often saturates on easy data)
     best_knn: float = -1.0  # val kNN accuracy of the saved best embedder
-    # What the last checkpoint written holds: a state already on disk is not saved again, but
-    # one that moved since (a validation raised `best`, a batch was skipped) is.
+    seconds: float = 0.0  # wall-clock seconds of training so far (a time budget continues from here)
+    # Where the last checkpoint written stands: a state already on disk is not saved again,
+    # but one that moved since (a validation raised `best`, a batch was skipped) is. The
+    # clock alone moving is not a new state.
     saved: dict | None = field(default=None, repr=False, compare=False)
 
     def state_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "saved"}
 
+    def position(self) -> dict:
+        """:meth:`state_dict` without the clock: what decides whether a checkpoint is new."""
+        return {k: v for k, v in self.state_dict().items() if k != "seconds"}
+
     def load_state_dict(self, state: dict) -> None:
         self.step, self.epoch, self.epoch_step = int(state["step"]), int(state["epoch"]), int(state["epoch_step"])
         self.best, self.best_map = float(state["best"]), float(state.get("best_map", -1.0))
         self.best_knn = float(state.get("best_knn", self.best))
-        self.saved = self.state_dict()
+        self.seconds = float(state.get("seconds", 0.0))
+        self.saved = self.position()
 
 
 @dataclass
 class Budget:
-    """When to stop: whichever of steps, epochs and wall-clock minutes runs out first."""
+    """When to stop: whichever of steps, epochs and wall-clock minutes of training runs out first.
+
+    The clock is rank 0's, read at every :meth:`spent` and shared with the other ranks, so
+    all stop at the same step and a time-following schedule gives every rank the same rate.
+    It counts training (validations included, setup not) across resumes.
+    """
 
     total_steps: int  # 0: no step limit (a max_minutes-only run)
     epochs: int = 0  # 0: no epoch limit
-    deadline: float | None = None  # time.time() to stop at
+    seconds: float = 0.0  # 0: no time limit
+    elapsed: float = 0.0  # seconds of training so far (rank 0's clock, as of the last spent())
+    _t0: float = field(default=0.0, repr=False)
 
     @classmethod
     def from_config(cls, cfg: EmbedConfig, steps_per_epoch: int) -> "Budget":
         total = cfg.max_steps or cfg.epochs * steps_per_epoch
         if cfg.epochs and cfg.max_steps:
             total = min(cfg.max_steps, cfg.epochs * steps_per_epoch)
-        return cls(total, cfg.epochs, time.time() + 60 * cfg.max_minutes if cfg.max_minutes else None)
+        return cls(total, cfg.epochs, 60.0 * cfg.max_minutes)
+
+    def start(self, already: float = 0.0) -> None:
+        """Start (or, resuming, continue) the clock with ``already`` seconds of earlier training."""
+        self._t0, self.elapsed = time.monotonic() - already, already
+
+    def tick(self, device) -> float:
+        """Read rank 0's clock into :attr:`elapsed` on every rank (a collective) and return it."""
+        self.elapsed = float_from_main(time.monotonic() - self._t0, device)
+        return self.elapsed
 
     def spent(self, state: TrainState, device) -> bool:
-        """The one stopping test. A collective when there is a deadline (ranks' clocks differ):
-        every rank calls it at the same points, and all get the same answer."""
-        out_of_time = self.deadline is not None and any_rank(time.time() > self.deadline, device)
+        """The one stopping test. A collective when there is a time limit: every rank calls it
+        at the same points, and all get the same answer."""
+        if self.seconds:
+            self.tick(device)
+        out_of_time = bool(self.seconds) and self.elapsed >= self.seconds
         out_of_steps = bool(self.total_steps) and state.step >= self.total_steps
         return out_of_steps or bool(self.epochs and state.epoch >= self.epochs) or out_of_time
+
+    def time_spent(self) -> float:
+        """The fraction of the time limit used, 0..1 (0 without one)."""
+        return min(1.0, self.elapsed / self.seconds) if self.seconds else 0.0
 
 
 def resume(ckpts: CheckpointManager, state: TrainState, *, model, optimizer, scheduler, scaler, rank: int) -> bool:
@@ -195,7 +231,7 @@ def resume(ckpts: CheckpointManager, state: TrainState, *, model, optimizer, sch
 def save_checkpoint(ckpts: CheckpointManager, state: TrainState, *, model, optimizer, scheduler, accelerator,
                     config: dict) -> None:
     """A complete checkpoint of ``state.step`` (rank 0 writes; every rank's RNG goes in). A collective."""
-    if state.saved == state.state_dict():
+    if state.saved == state.position():
         return  # exactly this state is on disk already (the same on every rank: no rank skips alone)
     rngs = all_gather_object(capture_rng())  # every rank's RNG, so each resumes its own streams
     if accelerator.is_main_process:
@@ -207,7 +243,7 @@ def save_checkpoint(ckpts: CheckpointManager, state: TrainState, *, model, optim
             },
             state.step,
         )
-    state.saved = state.state_dict()
+    state.saved = state.position()
     accelerator.wait_for_everyone()
 
 
@@ -303,7 +339,10 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps, total_steps=budget.total_steps)
+    # With max_minutes the cosine decay follows the clock too: it reaches 0 when the budget
+    # ends, whichever of steps and time ends it (a slower machine still anneals fully).
+    scheduler = build_scheduler(optimizer, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps,
+                                total_steps=budget.total_steps, time_spent=budget.time_spent if cfg.max_minutes else None)
     # The loader is NOT prepared: it is split by rank already (see toolkit.data.stream.make_loader).
     model, optimizer = accelerator.prepare(model, optimizer)
     bare = accelerator.unwrap_model(model)
@@ -320,12 +359,14 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
         # Decided on rank 0 (the one that writes) and agreed, so every rank stops cleanly.
         raise ConfigError(refuse_existing_message(run_dir))
 
-    def save() -> None:
+    def save() -> None:  # a collective (save_checkpoint): every rank calls it at the same points
+        state.seconds = budget.tick(device)  # validations included
         save_checkpoint(ckpts, state, model=bare, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator,
                         config=asdict(cfg))
 
     # --- train: epochs of exactly steps_per_epoch batches on every rank -----------------------
     start = time.time()
+    budget.start(state.seconds)
     bar = progress(total=budget.total_steps or None, initial=state.step, desc="embed", enabled=main and cfg.progress, unit="step")
     images_seen, t_log, skipped_steps = 0, time.time(), 0
     skipped_data: dict[str, int] = {}  # samples skipped by the training stream, whole run (summary.json)
