@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import one_font
 from toolkit.bench import BENCHMARKS, check_options, get_bench
 from toolkit.errors import ConfigError
 
@@ -132,3 +133,61 @@ def test_registry_and_option_check():
         check_options("loader", fn, {"worker": 1})
     with pytest.raises(ConfigError, match=r"known: .*loader"):
         get_bench("step-nope")
+
+
+def _font_tree(root: Path, families: int) -> Path:
+    """``families`` family folders of two links each to one usable font (a stand-in for installed fonts)."""
+    font = one_font()
+    for i in range(families):
+        (root / f"family-{i:03d}").mkdir(parents=True)
+        for face in ("Regular.ttf", "Bold.otf", "Italic.ttf"):
+            (root / f"family-{i:03d}" / face).symlink_to(font)
+    return root
+
+
+def test_fonts_bench_counts_usable_fonts_per_family_and_says_how_to_install(tmp_path):
+    r = run("bench", "fonts", "--font_root", _font_tree(tmp_path / "fonts", 3))
+    assert r.returncode == 0, r.stderr
+    assert "6 usable fonts from 3 families" in r.stdout  # 2 of each family's 3 faces
+    assert "toolkit bench fonts --install" in r.stdout and "apt-get install" in r.stdout
+    (tmp_path / "empty").mkdir()
+    r = run("bench", "fonts", "--install", env_extra={"PATH": str(tmp_path / "empty")})  # no apt-get on this PATH
+    assert r.returncode == 2 and len(_lines(r.stderr)) == 1 and "needs apt-get" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("bad, named", [(["--minutes", "0"], "--minutes"), (["--rows", "raw,nope"], "--rows"),
+                                        (["--holdout", "61"], "--holdout")])
+def test_accuracy_bench_refuses_bad_options_before_any_work(tmp_path, bad, named):
+    r = run("bench", "accuracy", *bad, "--shards", tmp_path / "hard", env_extra={"TOOLKIT_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 2
+    err = _lines(r.stderr)
+    assert len(err) == 1 and named in err[0], r.stderr
+    assert not (tmp_path / "cache").exists() and not list(tmp_path.glob("hard*")), "nothing rendered or sharded"
+
+
+def test_accuracy_bench_without_enough_fonts_says_how_to_get_them(tmp_path):
+    r = run("bench", "accuracy", "--font_root", _font_tree(tmp_path / "fonts", 3), "--shards", tmp_path / "hard",
+            env_extra={"TOOLKIT_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 2
+    err = _lines(r.stderr)
+    assert len(err) == 1 and "needs >= 100 usable fonts, found 6" in err[0] and "bench fonts --install" in err[0], r.stderr
+
+
+def test_accuracy_bench_data_only_builds_the_hard_shards_once(tmp_path):
+    env = {"TOOLKIT_CACHE": str(tmp_path / "cache")}
+    args = ("bench", "accuracy", "--data_only", "--per_class", 10, "--font_root", _font_tree(tmp_path / "fonts", 50),
+            "--shards", tmp_path / "hard")
+    r = run(*args, env_extra=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from toolkit.data.shards import read_info
+
+    for size in (32, 64):  # the stored sizes of the recipes compared
+        closed, open_ = read_info(tmp_path / f"hard-{size}"), read_info(tmp_path / f"hard-{size}-open")
+        assert closed.num_classes == 62 and closed.holdout_classes == [] and closed.image_size == size
+        assert len(open_.holdout_classes) == 12 and open_.splits["test"].num_samples == 120
+        assert closed.splits["train"].num_samples + closed.splits["val"].num_samples == 620
+    assert "100 fonts" in r.stderr  # 50 families x 2 faces
+    stamp = (tmp_path / "hard-64" / "_info.json").stat().st_mtime_ns
+    r = run(*args, env_extra=env)
+    assert r.returncode == 0 and "sharding" not in r.stderr, r.stderr  # reused: same folder, same settings
+    assert (tmp_path / "hard-64" / "_info.json").stat().st_mtime_ns == stamp

@@ -213,6 +213,12 @@ def bench(what: str = "loader", **options):
       openset retrieval on 12 held-out classes of the character folder: raw pixels vs a
               5-minute embedder on 2 CPU processes. Options: --holdout 12, --minutes 5,
               --processes 2, --per_class 120, --out FILE.json
+      accuracy  recipes on the hard character set (raw pixels, seed.yaml, fast.yaml before
+              and after its search), 5 minutes each on 2 CPU processes: kNN val accuracy and
+              unseen-class Recall@1. Options: --rows raw,seed,before,fast, --minutes 5,
+              --processes 2, --per_class 120, --holdout 12, --shards shards/hard,
+              --font_root DIR, --data_only (only build the set's shards), --out FILE.json
+      fonts   the hard set's fonts: how many are usable; --install runs apt-get for them.
       scaling one process vs two (gloo): compute, gather and mining time per step.
       gpu     seed network at 220x220 on a GPU (bf16/fp32, channels_last, torch.compile);
               prints a JSON line saying it skipped on machines without CUDA.

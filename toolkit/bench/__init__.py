@@ -12,9 +12,12 @@ import difflib
 import importlib
 import inspect
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from toolkit.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: launch/ and configs/
 
 # name -> module holding ``main(**options)``; one line per benchmark.
 BENCHMARKS: dict[str, str] = {
@@ -24,6 +27,8 @@ BENCHMARKS: dict[str, str] = {
     "knn": "toolkit.bench.knn",  # validation kNN(13): faiss-screened, raw faiss, torch and scikit-learn side by side
     "scaling": "toolkit.bench.scaling",  # one vs two gloo processes: ms per step phase, images/s
     "openset": "toolkit.bench.openset",  # unseen classes: raw pixels vs a 5-minute embedder, retrieval metrics
+    "accuracy": "toolkit.bench.accuracy",  # recipes on the hard character set: raw pixels, seed, fast.yaml before/after
+    "fonts": "toolkit.bench.fonts",  # the hard set's ~150 fonts: list what is usable, --install them (apt-get)
     "gpu": "toolkit.bench.gpu",  # seed net at 220 on CUDA: images/s, share of peak FLOP/s (skips on CPU)
 }
 
@@ -104,7 +109,6 @@ def data_root():
     """(folder, temporary): ``$TOOLKIT_CACHE/bench`` reused across runs, else a temp folder to delete."""
     import os
     import tempfile
-    from pathlib import Path
 
     cache = os.environ.get("TOOLKIT_CACHE")
     if cache:
@@ -112,3 +116,48 @@ def data_root():
         root.mkdir(parents=True, exist_ok=True)
         return root, False
     return Path(tempfile.mkdtemp(prefix="toolkit-bench-")), True
+
+
+def launch_embed(what: str, config, overrides: list[str], *, run_dir, processes: int = 2) -> float:
+    """Train an embedder the way the README starts one and return the wall minutes it took.
+
+    ``accelerate launch --config_file configs/accelerate/cpu2.yaml launch/embed.py --config
+    CONFIG key=value...`` for two processes (``--cpu --num_processes 1`` for one, ``--multi_gpu
+    --num_processes N`` above two), tracker off, ``run_dir`` replaced if it holds an earlier run.
+    The validation lines and the last line go to stderr; a failed run raises with its output.
+    """
+    import os
+    import subprocess
+    import time
+
+    script = ROOT / "launch" / "embed.py"
+    if not script.is_file():
+        raise ConfigError(f"toolkit bench {what}: needs a checkout (launch/embed.py not found under {ROOT})")
+    launcher = ["--config_file", str(ROOT / "configs" / "accelerate" / "cpu2.yaml")] if processes == 2 else (
+        ["--cpu", "--num_processes", "1"] if processes == 1 else
+        ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1"])
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, str(script), "--config", str(config),
+           *overrides, f"run_dir={run_dir}", "tracker=none", "overwrite=true", "progress=false"]
+    log("training: " + " ".join(cmd[3:]))
+    t0 = time.time()
+    done = subprocess.run(cmd, env=dict(os.environ, ACCELERATE_USE_CPU="1"), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    if done.returncode:
+        raise RuntimeError(f"training failed (exit {done.returncode}):\n{done.stdout[-3000:]}")
+    for line in done.stdout.splitlines():
+        if "kNN@" in line or line.startswith("done:"):
+            log("  " + line.strip())
+    return (time.time() - t0) / 60
+
+
+def raw_pixel_metrics(closed, open_, *, verification: bool = True) -> tuple[dict, dict]:
+    """The baseline every embedder must beat, each image's pixels as its embedding: (closed-set
+    metrics of val vs train in ``closed``: kNN(13) accuracy and ranking; retrieval metrics inside
+    the test split of ``open_``, leave-one-out by its query/gallery roles)."""
+    from toolkit.data.shards import read_info
+    from toolkit.evaluation import evaluate_embeddings, raw_pixel_embeddings, split_retrieval, split_roles
+
+    closed_set = evaluate_embeddings(raw_pixel_embeddings(str(closed), "train"), raw_pixel_embeddings(str(closed), "val"), k=13)
+    keys, emb, labels = raw_pixel_embeddings(str(open_), "test")
+    roles = split_roles(read_info(open_), "test", keys)
+    return closed_set, dict(split_retrieval(emb, labels, *roles, verification=verification).metrics)

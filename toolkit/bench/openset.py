@@ -1,11 +1,11 @@
 """``toolkit bench openset``: retrieval on classes never trained on, raw pixels vs a trained embedder.
 
-The 62-class character folder (:func:`toolkit.datasets.write_chars_folder`) is sharded with
-``--holdout_classes N`` (default 12: their images form the ``test`` split, seeded); the
-embedder is trained on the other classes with ``configs/embed/fast.yaml`` (its 12 epochs,
-``--minutes`` the hard stop) on ``--processes`` CPU processes, started as the README starts them (``accelerate launch
---config_file configs/accelerate/cpu2.yaml launch/embed.py ...``). Then, side by side on the
-same samples:
+The 62-class character folder (:func:`toolkit.datasets.write_chars_folder`, from the fonts
+the machine has) is sharded at the recipe's input size with ``--holdout_classes N`` (default
+12: their images form the ``test`` split, seeded); the embedder is trained on the other
+classes with ``configs/embed/fast.yaml`` (``--minutes`` its time budget) on ``--processes``
+CPU processes, started as the README starts them (``accelerate launch --config_file
+configs/accelerate/cpu2.yaml launch/embed.py ...``). Then, side by side on the same samples:
 
 * open set, inside the test split (every image a query against the others, leave-one-out):
   Recall@1/5/10, MAP@R, R-precision, ROC AUC and FNMR at FMR = 1e-2 of all pairs;
@@ -15,52 +15,22 @@ for raw pixels (each image's normalised pixels as one unit vector) and for the e
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from toolkit.bench import data_root, log, require_ints, write_json
+from toolkit.bench import ROOT, data_root, launch_embed, log, raw_pixel_metrics, require_ints, write_json
 from toolkit.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def _shards(per_class: int, holdout: int, seed: int) -> Path:
+def _shards(root: Path, per_class: int, holdout: int, seed: int, size: int) -> Path:
     from toolkit.data.shards import INFO_NAME, read_info, write_shards
     from toolkit.datasets import write_chars_folder
 
-    root, _ = data_root()
     folder = write_chars_folder(root / f"chars-{per_class}", per_class=per_class, seed=seed, progress=True)
-    shards = root / f"chars-{per_class}-holdout-{holdout}-seed-{seed}"
+    shards = root / f"chars-{per_class}-holdout-{holdout}-seed-{seed}-{size}px"
     if not (shards / INFO_NAME).is_file() or len(read_info(shards).holdout_classes) != holdout:
-        log(f"sharding {folder} -> {shards} ({holdout} classes held out)")
-        write_shards(folder, shards, image_size=32, seed=seed, holdout_classes=holdout, overwrite=True)
+        log(f"sharding {folder} -> {shards} ({holdout} classes held out, {size}x{size})")
+        write_shards(folder, shards, image_size=size, seed=seed, holdout_classes=holdout, overwrite=True)
     return shards
-
-
-def _train(shards: Path, run_dir: Path, *, minutes: float, processes: int) -> float:
-    script = ROOT / "launch" / "embed.py"
-    if not script.is_file():
-        raise ConfigError(f"toolkit bench openset: needs a checkout (launch/embed.py not found under {ROOT})")
-    config = ROOT / "configs" / "embed" / "fast.yaml"
-    launcher = ["--config_file", str(ROOT / "configs" / "accelerate" / "cpu2.yaml")] if processes == 2 else (
-        ["--cpu", "--num_processes", "1"] if processes == 1 else
-        ["--multi_gpu", "--num_processes", str(processes), "--num_machines", "1"])
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, str(script), "--config", str(config),
-           f"shards={shards}", f"run_dir={run_dir}", f"max_minutes={minutes}", "tracker=none",
-           "overwrite=true", "progress=false"]
-    env = dict(os.environ, ACCELERATE_USE_CPU="1")
-    log("training: " + " ".join(cmd[3:]))
-    t0 = time.time()
-    done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if done.returncode:
-        raise RuntimeError(f"training failed (exit {done.returncode}):\n{done.stdout[-3000:]}")
-    for line in done.stdout.splitlines():
-        if "kNN@" in line or line.startswith("done:"):
-            log("  " + line.strip())
-    return (time.time() - t0) / 60
 
 
 def main(*, holdout: int = 12, per_class: int = 120, minutes: float = 5.0, processes: int = 2, seed: int = 0,
@@ -69,24 +39,33 @@ def main(*, holdout: int = 12, per_class: int = 120, minutes: float = 5.0, proce
                              ("seed", seed, 0)])
     if not minutes > 0:
         raise ConfigError(f"toolkit bench openset: --minutes must be > 0, got {minutes}")
+    root, temporary = data_root()  # $TOOLKIT_CACHE/bench (kept), or a temporary folder (removed at the end)
+    try:
+        return _run(root, holdout=holdout, per_class=per_class, minutes=minutes, processes=processes, seed=seed, out=out)
+    finally:
+        if temporary:
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _run(root: Path, *, holdout: int, per_class: int, minutes: float, processes: int, seed: int, out: str) -> dict:
+    from toolkit.config import EmbedConfig, load_config
     from toolkit.data.shards import read_info
-    from toolkit.evaluation import evaluate, raw_pixel_embeddings, split_retrieval, split_roles
-    from toolkit.knn import knn_accuracy
+    from toolkit.evaluation import evaluate
     from toolkit.report import OPEN_SET_COLUMNS, OPEN_SET_HEADS
 
-    shards = _shards(per_class, holdout, seed)
+    config = ROOT / "configs" / "embed" / "fast.yaml"
+    shards = _shards(root, per_class, holdout, seed, load_config(EmbedConfig, config).input_size)  # stored as the recipe reads them
     info = read_info(shards)
     rows = {}
-    keys, pix, y = raw_pixel_embeddings(str(shards), "test")
-    raw = dict(split_retrieval(pix, y, *split_roles(info, "test", keys)).metrics)
-    _, tr, tr_y = raw_pixel_embeddings(str(shards), "train")
-    _, va, va_y = raw_pixel_embeddings(str(shards), "val")
-    raw["knn_accuracy"], _ = knn_accuracy(tr, tr_y, va, va_y, k=13)
+    closed_set, raw = raw_pixel_metrics(shards, shards)
+    raw["knn_accuracy"] = closed_set["knn_accuracy"]
     rows["raw pixels"] = raw
 
-    root, _ = data_root()
     run_dir = root / f"openset-run-{holdout}"
-    took = _train(shards, run_dir, minutes=minutes, processes=processes)
+    took = launch_embed("openset", config, [f"shards={shards}", f"max_minutes={minutes}"], run_dir=run_dir,
+                        processes=processes)
     test = evaluate(run_dir, str(shards), "test", num_workers=0)
     val = evaluate(run_dir, str(shards), "val", "knn", num_workers=0)
     trained = dict(test["retrieval"])
