@@ -165,6 +165,14 @@ def test_accuracy_bench_refuses_bad_options_before_any_work(tmp_path, bad, named
     assert not (tmp_path / "cache").exists() and not list(tmp_path.glob("hard*")), "nothing rendered or sharded"
 
 
+def test_openset_bench_with_a_font_folder_without_fonts_is_one_line(tmp_path):
+    (tmp_path / "no-fonts").mkdir()
+    r = run("bench", "openset", "--font_root", tmp_path / "no-fonts", env_extra={"TOOLKIT_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 2
+    err = _lines(r.stderr)
+    assert len(err) == 1 and "no font drawing 0-9, A-Z, a-z" in err[0], r.stderr
+
+
 def test_accuracy_bench_without_enough_fonts_says_how_to_get_them(tmp_path):
     r = run("bench", "accuracy", "--font_root", _font_tree(tmp_path / "fonts", 3), "--shards", tmp_path / "hard",
             env_extra={"TOOLKIT_CACHE": str(tmp_path / "cache")})

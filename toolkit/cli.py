@@ -212,7 +212,7 @@ def bench(what: str = "loader", **options):
               faiss (and --approx hnsw,ivf), time and agreement. --sizes 10000,100000,1000000
       openset retrieval on 12 held-out classes of the character folder: raw pixels vs a
               5-minute embedder on 2 CPU processes. Options: --holdout 12, --minutes 5,
-              --processes 2, --per_class 120, --out FILE.json
+              --processes 2, --per_class 120, --font_root DIR, --out FILE.json
       accuracy  recipes on the hard character set (raw pixels, seed.yaml, fast.yaml before
               and after its search), 5 minutes each on 2 CPU processes: kNN val accuracy and
               unseen-class Recall@1. Options: --rows raw,seed,before,fast, --minutes 5,

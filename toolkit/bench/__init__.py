@@ -161,3 +161,19 @@ def raw_pixel_metrics(closed, open_, *, verification: bool = True) -> tuple[dict
     keys, emb, labels = raw_pixel_embeddings(str(open_), "test")
     roles = split_roles(read_info(open_), "test", keys)
     return closed_set, dict(split_retrieval(emb, labels, *roles, verification=verification).metrics)
+
+
+def shards_fresh(shards, folder, *, size: int, seed: int, holdout: int) -> bool:
+    """True when ``shards`` were written from ``folder`` (a generated one, with its marker)
+    after it was last rendered, at ``size`` with ``seed`` and ``holdout`` classes held out:
+    a benchmark then reuses them instead of sharding again."""
+    from toolkit.data.shards import INFO_NAME, read_info
+    from toolkit.datasets import MARKER_NAME
+
+    info_file = Path(shards) / INFO_NAME
+    if not info_file.is_file():
+        return False
+    info = read_info(shards)
+    return info.source is not None and Path(info.source) == Path(folder).resolve() and \
+        info_file.stat().st_mtime >= (Path(folder) / MARKER_NAME).stat().st_mtime and \
+        info.image_size == size and info.seed == seed and len(info.holdout_classes) == holdout

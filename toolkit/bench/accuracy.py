@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from toolkit.bench import ROOT, data_root, launch_embed, log, raw_pixel_metrics, require_ints, write_json
+from toolkit.bench import ROOT, data_root, launch_embed, log, raw_pixel_metrics, require_ints, shards_fresh, write_json
 from toolkit.errors import ConfigError
 
 CONFIGS = ROOT / "configs" / "embed"
@@ -56,8 +56,8 @@ def hard_shards(shards: str, *, root: Path, sizes, per_class: int, holdout: int,
     """The hard folder (cached) and its shard folders per stored size: {size: (closed, open)},
     ``{shards}-{size}`` and ``{shards}-{size}-open``, rebuilt only when they do not match."""
     from toolkit.bench.fonts import require_hard_fonts
-    from toolkit.data.shards import INFO_NAME, read_info, write_shards
-    from toolkit.datasets import MARKER_NAME, write_chars_folder
+    from toolkit.data.shards import write_shards
+    from toolkit.datasets import write_chars_folder
 
     fonts = require_hard_fonts(root=font_root)
     folder = write_chars_folder(root / f"hard-chars-{per_class}-seed-{seed}", per_class=per_class, seed=seed,
@@ -67,12 +67,7 @@ def hard_shards(shards: str, *, root: Path, sizes, per_class: int, holdout: int,
     for size in sorted(set(sizes)):
         closed, open_ = Path(f"{shards}-{size}"), Path(f"{shards}-{size}-open")
         for path, held in ((closed, 0), (open_, holdout)):
-            info = read_info(path) if (path / INFO_NAME).is_file() else None
-            # shards of this very folder, written after it was (re)rendered, with these settings
-            fits = info is not None and info.source is not None and Path(info.source) == folder.resolve() and \
-                (path / INFO_NAME).stat().st_mtime >= (folder / MARKER_NAME).stat().st_mtime and \
-                info.image_size == size and info.seed == seed and len(info.holdout_classes) == held
-            if not fits:
+            if not shards_fresh(path, folder, size=size, seed=seed, holdout=held):
                 log(f"sharding {folder} -> {path} ({size}x{size}" + (f", {held} classes held out)" if held else ")"))
                 write_shards(folder, path, image_size=size, seed=seed, holdout_classes=held or None, overwrite=True,
                              progress=False)

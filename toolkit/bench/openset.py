@@ -1,7 +1,7 @@
 """``toolkit bench openset``: retrieval on classes never trained on, raw pixels vs a trained embedder.
 
 The 62-class character folder (:func:`toolkit.datasets.write_chars_folder`, from the fonts
-the machine has) is sharded at the recipe's input size with ``--holdout_classes N`` (default
+the machine has, or those under ``--font_root``) is sharded at the recipe's input size with ``--holdout_classes N`` (default
 12: their images form the ``test`` split, seeded); the embedder is trained on the other
 classes with ``configs/embed/fast.yaml`` (``--minutes`` its time budget) on ``--processes``
 CPU processes, started as the README starts them (``accelerate launch --config_file
@@ -17,31 +17,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from toolkit.bench import ROOT, data_root, launch_embed, log, raw_pixel_metrics, require_ints, write_json
+from toolkit.bench import ROOT, data_root, launch_embed, log, raw_pixel_metrics, require_ints, shards_fresh, write_json
 from toolkit.errors import ConfigError
 
 
-def _shards(root: Path, per_class: int, holdout: int, seed: int, size: int) -> Path:
-    from toolkit.data.shards import INFO_NAME, read_info, write_shards
-    from toolkit.datasets import write_chars_folder
+def _shards(root: Path, per_class: int, holdout: int, seed: int, size: int, font_root: str) -> Path:
+    from toolkit.data.shards import write_shards
+    from toolkit.datasets import discover_fonts, write_chars_folder
 
-    folder = write_chars_folder(root / f"chars-{per_class}", per_class=per_class, seed=seed, progress=True)
+    fonts = discover_fonts(font_root) if font_root else None  # None: every usable font on the machine
+    if fonts == []:
+        raise ConfigError(f"toolkit bench openset: no font drawing 0-9, A-Z, a-z under {font_root}")
+    folder = write_chars_folder(root / f"chars-{per_class}", per_class=per_class, seed=seed, fonts=fonts, progress=True)
     shards = root / f"chars-{per_class}-holdout-{holdout}-seed-{seed}-{size}px"
-    if not (shards / INFO_NAME).is_file() or len(read_info(shards).holdout_classes) != holdout:
+    if not shards_fresh(shards, folder, size=size, seed=seed, holdout=holdout):
         log(f"sharding {folder} -> {shards} ({holdout} classes held out, {size}x{size})")
         write_shards(folder, shards, image_size=size, seed=seed, holdout_classes=holdout, overwrite=True)
     return shards
 
 
 def main(*, holdout: int = 12, per_class: int = 120, minutes: float = 5.0, processes: int = 2, seed: int = 0,
-         out: str = "") -> dict:
+         font_root: str = "", out: str = "") -> dict:
     require_ints("openset", [("holdout", holdout, 1), ("per_class", per_class, 4), ("processes", processes, 1),
                              ("seed", seed, 0)])
     if not minutes > 0:
         raise ConfigError(f"toolkit bench openset: --minutes must be > 0, got {minutes}")
     root, temporary = data_root()  # $TOOLKIT_CACHE/bench (kept), or a temporary folder (removed at the end)
     try:
-        return _run(root, holdout=holdout, per_class=per_class, minutes=minutes, processes=processes, seed=seed, out=out)
+        return _run(root, holdout=holdout, per_class=per_class, minutes=minutes, processes=processes, seed=seed,
+                    font_root=font_root, out=out)
     finally:
         if temporary:
             import shutil
@@ -49,14 +53,15 @@ def main(*, holdout: int = 12, per_class: int = 120, minutes: float = 5.0, proce
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _run(root: Path, *, holdout: int, per_class: int, minutes: float, processes: int, seed: int, out: str) -> dict:
+def _run(root: Path, *, holdout: int, per_class: int, minutes: float, processes: int, seed: int, font_root: str,
+         out: str) -> dict:
     from toolkit.config import EmbedConfig, load_config
     from toolkit.data.shards import read_info
     from toolkit.evaluation import evaluate
     from toolkit.report import OPEN_SET_COLUMNS, OPEN_SET_HEADS
 
     config = ROOT / "configs" / "embed" / "fast.yaml"
-    shards = _shards(root, per_class, holdout, seed, load_config(EmbedConfig, config).input_size)  # stored as the recipe reads them
+    shards = _shards(root, per_class, holdout, seed, load_config(EmbedConfig, config).input_size, font_root)  # stored as the recipe reads them
     info = read_info(shards)
     rows = {}
     closed_set, raw = raw_pixel_metrics(shards, shards)
