@@ -47,9 +47,11 @@ def test_seed_config_is_the_seed_recipe():
     assert (cfg.margin, cfg.mining, cfg.knn_k) == (0.2, "semihard", 13)
 
 
-def test_fast_config_runs_at_native_resolution():
+def test_fast_config_is_the_seed_network_at_native_resolution_on_a_time_budget():
     cfg = load_config(EmbedConfig, REPO / "configs" / "embed" / "fast.yaml")
-    assert cfg.input_size == 32 and cfg.arch == "zfnet"
+    assert cfg.input_size == 64 and cfg.arch == "zfnet" and cfg.embedding_dim == 128
+    assert (cfg.margin, cfg.mining, cfg.knn_k) == (0.2, "semihard", 13)
+    assert cfg.max_minutes == 5 and cfg.schedule == "cosine"
 
 
 @pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
