@@ -120,7 +120,8 @@ def test_mining_bench_prints_both_sides_ratio_and_b2_cost(tmp_path):
         cells = _row(r.stdout, f"| {b} |")
         toolkit_ms, per_b2, pml_ms = _num(cells[1]), _num(cells[2]), _num(cells[3])
         assert toolkit_ms > 0 and pml_ms > 0
-        assert per_b2 == pytest.approx(toolkit_ms * 1e6 / b**2, rel=0.05, abs=0.1)
+        # the table rounds ms to 0.1: allow that half-unit (a fast machine runs B = 64 in < 1 ms)
+        assert per_b2 == pytest.approx(toolkit_ms * 1e6 / b**2, rel=0.05, abs=0.05 * 1e6 / b**2 + 0.1)
         assert re.match(r"\d+\.\d+×", cells[4]), cells
     assert "targets at 2048" in r.stdout
     report = json.loads(out.read_text())
