@@ -501,7 +501,7 @@ def sweep(
         results = run_local(spec, trials=local, seed=seed, run_root=runs)
         failed = [r for r in results if r["returncode"]]
         print(f"\n{len(results) - len(failed)}/{len(results)} trials finished; runs in {runs}/\n")
-        print("\n".join(results_table(results, spec["metric"]["name"], spec["metric"].get("goal", "maximize"))))
+        print("\n".join(results_table(results, spec)))
         if failed:
             sys.exit(1)
         return

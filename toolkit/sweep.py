@@ -187,15 +187,19 @@ def trial_run_dir(run_dir: str) -> str:
 def grid_parameters(spec: dict) -> list[dict[str, Any]]:
     """Every combination of a grid sweep's ``values``, in W&B's order: parameters sorted by name,
     the last one varying fastest, each one's values in the file's order."""
-    names, choices = [], []
-    for name, p in sorted(spec["parameters"].items()):
-        if "value" in p:
-            names.append(name), choices.append([p["value"]])
-        elif "values" in p:
-            names.append(name), choices.append(list(p["values"]))
-        else:
+    names = sorted(spec["parameters"])
+    choices = []
+    for name in names:
+        p = spec["parameters"][name]
+        if "value" not in p and "values" not in p:
             raise ConfigError(f"parameter {name}: a grid sweep takes value or values, not a distribution")
+        choices.append([p["value"]] if "value" in p else list(p["values"]))
     return [dict(zip(names, combo)) for combo in itertools.product(*choices)]
+
+
+def sweep_metric(spec: dict) -> tuple[str, str]:
+    """(metric name, goal: "maximize" or "minimize") of a sweep file."""
+    return spec["metric"]["name"], spec["metric"].get("goal", "maximize")
 
 
 def trial_result(run_dir: str | Path, metric: str, goal: str = "maximize") -> float | None:
@@ -215,11 +219,14 @@ def run_local(spec: dict, *, trials: int, seed: int = 0, run_root: str = "runs/s
     import os
     import subprocess
 
-    metric, goal = spec["metric"]["name"], spec["metric"].get("goal", "maximize")
-    if spec["method"] == "grid" and trials > len(grid_parameters(spec)):
-        print(f"the grid has {len(grid_parameters(spec))} points: running all of them, not {trials}", flush=True)
-    points = grid_parameters(spec)[:trials] if spec["method"] == "grid" else [
-        sample_parameters(spec, seed=seed + i) for i in range(trials)]
+    metric, goal = sweep_metric(spec)
+    if spec["method"] == "grid":
+        points = grid_parameters(spec)
+        if trials > len(points):
+            print(f"the grid has {len(points)} points: running all of them, not {trials}", flush=True)
+        points = points[:trials]
+    else:
+        points = [sample_parameters(spec, seed=seed + i) for i in range(trials)]
     results = []
     for i, params in enumerate(points):
         params = dict(params, run_dir=f"{run_root}/trial-{i:03d}")
@@ -231,9 +238,10 @@ def run_local(spec: dict, *, trials: int, seed: int = 0, run_root: str = "runs/s
     return results
 
 
-def results_table(results: list[dict], metric: str, goal: str = "maximize") -> list[str]:
-    """Markdown lines ranking the trials by ``metric`` (best first; failed trials last), with
-    the parameters that differ between them (all of them for a single trial)."""
+def results_table(results: list[dict], spec: dict) -> list[str]:
+    """Markdown lines ranking the trials by the sweep's metric (best first; failed trials last),
+    with the parameters that differ between them (all of them for a single trial)."""
+    metric, goal = sweep_metric(spec)
     names = [k for k in results[0]["params"] if k != "run_dir"] if results else []
     varying = [k for k in names if len({repr(r["params"][k]) for r in results}) > 1]
     names = varying if len(results) > 1 else names

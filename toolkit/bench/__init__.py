@@ -8,6 +8,7 @@ one in a single :class:`~toolkit.config.ConfigError` line (the CLI prints it and
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import inspect
@@ -105,17 +106,25 @@ def write_json(out: str, report: dict) -> None:
     print(f"\nwrote {out}")
 
 
+@contextlib.contextmanager
 def data_root():
-    """(folder, temporary): ``$TOOLKIT_CACHE/bench`` reused across runs, else a temp folder to delete."""
+    """``with data_root() as (folder, temporary):`` a benchmark's data folder: ``$TOOLKIT_CACHE/bench``,
+    reused across runs, or a temporary folder, removed when the block ends (whatever ends it)."""
     import os
+    import shutil
     import tempfile
 
     cache = os.environ.get("TOOLKIT_CACHE")
     if cache:
         root = Path(cache).expanduser() / "bench"
         root.mkdir(parents=True, exist_ok=True)
-        return root, False
-    return Path(tempfile.mkdtemp(prefix="toolkit-bench-")), True
+        yield root, False
+        return
+    root = Path(tempfile.mkdtemp(prefix="toolkit-bench-"))
+    try:
+        yield root, True
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def launch_embed(what: str, config, overrides: list[str], *, run_dir, processes: int = 2) -> float:

@@ -136,15 +136,9 @@ def main(*, rows: str = ",".join(ROWS), minutes: float = 5.0, processes: int = 2
     names = _rows(rows)
     sizes = [RAW_SIZE if n == "raw" else RECIPES[n][2] for n in names] if not data_only else \
         [RAW_SIZE, *(r[2] for r in RECIPES.values())]
-    root, temporary = data_root()  # $TOOLKIT_CACHE/bench (kept), or a temporary folder (removed at the end)
-    try:
+    with data_root() as (root, _):
         return _run(names, shards=shards, root=root, sizes=sizes, per_class=per_class, holdout=holdout, seed=seed,
                     font_root=font_root, data_only=data_only, minutes=minutes, processes=processes, out=out)
-    finally:
-        if temporary:
-            import shutil
-
-            shutil.rmtree(root, ignore_errors=True)
 
 
 def _run(names, *, shards, root, sizes, per_class, holdout, seed, font_root, data_only, minutes, processes, out) -> dict:

@@ -50,10 +50,14 @@ PER_FAMILY = 2  # faces per family in the hard set (Regular and Bold, say; not 3
 MIN_FONTS = 100  # the hard set needs at least this many usable fonts
 
 
+def apt_get(*args: str) -> list[str]:
+    """An apt-get command line, with sudo when not root."""
+    return [*([] if os.geteuid() == 0 else ["sudo"]), "apt-get", *args]
+
+
 def install_command() -> list[str]:
-    """The apt-get command that installs :data:`HARD_FONT_PACKAGES` (with sudo when not root)."""
-    sudo = [] if os.geteuid() == 0 else ["sudo"]
-    return [*sudo, "apt-get", "install", "-y", "--no-install-recommends", *HARD_FONT_PACKAGES]
+    """The apt-get command that installs :data:`HARD_FONT_PACKAGES`."""
+    return apt_get("install", "-y", "--no-install-recommends", *HARD_FONT_PACKAGES)
 
 
 def hard_fonts(per_family: int = PER_FAMILY, root: str = "") -> list:
@@ -87,7 +91,7 @@ def main(*, install: bool = False, per_family: int = PER_FAMILY, font_root: str 
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         done = subprocess.run(cmd, env=env)
         if done.returncode:  # a machine that never ran `apt-get update` has no package lists
-            subprocess.run([*cmd[: cmd.index("apt-get")], "apt-get", "update", "-q"], env=env)
+            subprocess.run(apt_get("update", "-q"), env=env)
             done = subprocess.run(cmd, env=env)
         if done.returncode:
             raise ConfigError(f"apt-get install failed (exit {done.returncode}); the packages are listed in "

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 
 import torch
@@ -146,8 +145,7 @@ def bench_loader(*, batch_size: int, workers: int, batches: int, input_size: int
     from toolkit.data.stream import ShardStream, make_loader
     from toolkit.data.transforms import to_model_input
 
-    root, temporary = data_root()
-    try:
+    with data_root() as (root, _):
         shards = digits_shards(root, seed=seed)
         stream = ShardStream(shards, split="train", mode="train", batching="random", batch_size=batch_size, seed=seed)
         dev = torch.device(device)
@@ -160,9 +158,6 @@ def bench_loader(*, batch_size: int, workers: int, batches: int, input_size: int
             n += x.shape[0]
         _sync(dev)
         elapsed = time.perf_counter() - t0
-    finally:
-        if temporary:
-            shutil.rmtree(root, ignore_errors=True)
     return {"data": "digits shards (32×32 grey PNG)", "workers": workers, "batch_size": batch_size, "images": n,
             "seconds": elapsed, "images_per_s": n / elapsed, "startup_included": True,
             "output_shape": [batch_size, 1, input_size, input_size]}

@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 import os
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -314,10 +313,9 @@ def main(
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"toolkit bench loader: --{name} must be a positive integer, got {value!r}")
 
-    root, temporary = data_root()
     machine = machine_info()
     results = []
-    try:
+    with data_root() as (root, temporary):
         for kind in kinds:
             if kind == "camera":
                 pc = per_class or _camera_per_class(batch_size, workers)
@@ -328,9 +326,6 @@ def main(
                 _bench_one(kind, folder, shards, info, batch_size=batch_size, workers=workers,
                            images=images or DEFAULT_IMAGES[kind], seed=seed, repeats=repeats)
             )
-    finally:
-        if temporary:
-            shutil.rmtree(root, ignore_errors=True)
 
     num_batches = {r["data"]: r["batches"] for r in results}
     report = {

@@ -42,15 +42,9 @@ def main(*, holdout: int = 12, per_class: int = 120, minutes: float = 5.0, proce
                              ("seed", seed, 0)])
     if not minutes > 0:
         raise ConfigError(f"toolkit bench openset: --minutes must be > 0, got {minutes}")
-    root, temporary = data_root()  # $TOOLKIT_CACHE/bench (kept), or a temporary folder (removed at the end)
-    try:
+    with data_root() as (root, _):
         return _run(root, holdout=holdout, per_class=per_class, minutes=minutes, processes=processes, seed=seed,
                     font_root=font_root, out=out)
-    finally:
-        if temporary:
-            import shutil
-
-            shutil.rmtree(root, ignore_errors=True)
 
 
 def _run(root: Path, *, holdout: int, per_class: int, minutes: float, processes: int, seed: int, font_root: str,

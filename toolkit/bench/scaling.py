@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -135,10 +134,9 @@ def main(
                              ("warmup", warmup, 0), ("steps", steps, 1), ("repeats", repeats, 1),
                              ("processes", processes, 2)))
 
-    root, temporary = data_root()
-    work = Path(tempfile.mkdtemp(prefix="toolkit-scaling-"))
     n_cores = cores()
-    try:
+    with data_root() as (root, _), tempfile.TemporaryDirectory(prefix="toolkit-scaling-", ignore_cleanup_errors=True) as tmp:
+        work = Path(tmp)
         worker_args = ["--data", data, "--batch_size", str(batch_size), "--K", str(K), "--input_size",
                        str(input_size), "--warmup", str(warmup), "--steps", str(steps), "--seed", str(seed)]
         if data == "digits":
@@ -159,10 +157,6 @@ def main(
             runs[n].append(res)
             log(f"  {n} process(es) x {threads} thread(s): {res['images_per_s']:,.1f} images/s, "
                  f"{res['step_ms']:.1f} ms/step (launch {time.perf_counter() - t0:.0f} s)")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        if temporary:
-            shutil.rmtree(root, ignore_errors=True)
 
     one = max(runs[1], key=lambda r: r["images_per_s"])
     many = max(runs[processes], key=lambda r: r["images_per_s"])
