@@ -111,18 +111,23 @@ def run(args) -> dict | None:
         "wall_s": wall,
         "ms": {p: 1000.0 * sum(r[p] for r in records) / len(records) for p in PHASES},
     }
+    backend = dist.get_backend() if distributed else None
     ranks = [None] * world
     if distributed:
         dist.all_gather_object(ranks, local)
+        # every rank leaves together and tears the group down: a rank that exits while its
+        # peer's gloo pair still reads the socket makes the peer abort ("connection closed")
+        accelerator.wait_for_everyone()
     else:
         ranks = [local]
+    accelerator.end_training()
     if rank != 0:
         return None
     wall0 = ranks[0]["wall_s"]
     global_batch = sum(r["batch"] for r in ranks)
     result = {
         "processes": world,
-        "backend": dist.get_backend() if distributed else None,
+        "backend": backend,
         "steps": args.steps,
         "warmup": args.warmup,
         "data": args.data,

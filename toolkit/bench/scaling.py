@@ -78,7 +78,11 @@ def launch(processes: int, worker_args: list[str], out: Path, *, threads: int, t
             proc.wait()
             raise RuntimeError(f"toolkit bench scaling: {processes} process(es) ran over {timeout:.0f} s") from None
     if rc != 0 or not out.is_file():
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+        lines = log.read_text(errors="replace").splitlines()
+        # the rank's own error (a traceback's last line, a C++ terminate) comes before the
+        # launcher's summary, which would otherwise fill the tail
+        errors = [ln for ln in lines if any(w in ln for w in ("Error", "terminate called", "what():"))]
+        tail = "\n".join([*errors[-5:], *lines[-15:]])
         raise RuntimeError(f"toolkit bench scaling: {processes} process(es) failed (exit {rc}):\n{tail}")
     return json.loads(out.read_text())
 
