@@ -112,19 +112,29 @@ def test_new_benchmarks_are_registered_and_check_options():
 def test_mining_bench_prints_both_sides_ratio_and_b2_cost(tmp_path):
     pytest.importorskip("pytorch_metric_learning")  # in the dev extra; the bench names it when missing
     out = tmp_path / "mining.json"
-    r = run("bench", "mining", "--sizes", "64,256", "--repeats", 1, "--out", out, timeout=120)
+    r = run("bench", "mining", "--sizes", "64,256", "--per_rank", "256,512", "--worlds", "1,2,8", "--repeats", 1,
+            "--out", out, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    header = _row(r.stdout, "| global batch")
-    assert header[:5] == ["global batch", "toolkit ms", "toolkit ns/B²", "PML ms", "speed-up"]
+    header = _row(r.stdout, "| global batch | toolkit")
+    assert header[:8] == ["global batch", "toolkit ms", "toolkit ns/B²", "vectorised ms (same objective)",
+                          "toolkit vs vectorised", "same loss", "PML ms (every triplet in the margin)", "toolkit vs PML"]
     for b in (64, 256):
         cells = _row(r.stdout, f"| {b} |")
-        toolkit_ms, per_b2, pml_ms = _num(cells[1]), _num(cells[2]), _num(cells[3])
-        assert toolkit_ms > 0 and pml_ms > 0
+        toolkit_ms, per_b2, vec_ms, pml_ms = _num(cells[1]), _num(cells[2]), _num(cells[3]), _num(cells[6])
+        assert toolkit_ms > 0 and pml_ms > 0 and vec_ms > 0
         # the table rounds ms to 0.1: allow that half-unit (a fast machine runs B = 64 in < 1 ms)
         assert per_b2 == pytest.approx(toolkit_ms * 1e6 / b**2, rel=0.05, abs=0.05 * 1e6 / b**2 + 0.1)
-        assert re.match(r"\d+\.\d+×", cells[4]), cells
+        assert cells[5] == "✓", cells  # the vectorised loss computes the toolkit's objective
+        assert re.match(r"\d+\.\d+×", cells[4]) and re.match(r"\d+\.\d+×", cells[7]), cells
     assert "targets at 2048" in r.stdout
     report = json.loads(out.read_text())
     assert [row["batch"] for row in report["rows"]] == [64, 256]
     for row in report["rows"]:
         assert row["speedup"] == pytest.approx(row["pml"]["seconds"] / row["toolkit"]["seconds"])
+        assert row["vectorised_loss_diff"] < 1e-5
+    # per rank: own anchors with W ranks cost less than every rank mining the whole batch
+    per_rank = _row(r.stdout, "| global batch | every rank")
+    assert per_rank[1:5] == ["every rank mines all, ms", "own anchors W=1, ms", "own anchors W=2, ms", "own anchors W=8, ms"]
+    assert [row["global_batch"] for row in report["per_rank"]] == [256, 512]
+    big = report["per_rank"][-1]
+    assert big["own_ms"]["8"] < big["all_ms"] and big["ratio_at_max_w"] == pytest.approx(big["all_ms"] / big["own_ms"]["8"])

@@ -94,6 +94,33 @@ def test_ddp_gradients_equal_single_process_on_concatenated_batch(dist_results, 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("anchors", ["own", "all"])
+@pytest.mark.parametrize("strategy", ["semihard", "hard", "all"])
+@pytest.mark.parametrize("case", ["uneven", "zero"])
+def test_ranks_with_different_numbers_of_pairs_still_give_the_single_process_gradient(dist_results, case, strategy, anchors):
+    script = _load_script()
+    x, _ = script.global_batch(WORLD)
+    labels = script.uneven_labels(WORLD, case)
+    model = script.build_model()
+    loss, stats = triplet_loss(script.embed(model, x), labels, margin=script.MARGIN, strategy=strategy)
+    loss.backward()
+    expected = _grads(model)
+    # the ranks' own anchors really hold different numbers of pairs
+    own_pairs = [int(((labels[r * script.LOCAL_BATCH:(r + 1) * script.LOCAL_BATCH, None] == labels[None, :]).sum(1) - 1).sum())
+                 for r in range(WORLD)]
+    assert own_pairs[0] > 2 * own_pairs[1] and (own_pairs[1] == 0) == (case == "zero")
+    assert stats["num_pairs"] == sum(own_pairs) and loss.item() > 0.01
+    for rank, result in enumerate(dist_results):
+        got = result[(case, strategy, anchors)]
+        for name, grad in expected.items():
+            torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"rank {rank}, {name}: {m}")
+        assert got["stats"]["loss"] == pytest.approx(loss.item(), rel=1e-5)
+        assert got["stats"]["num_pairs"] == stats["num_pairs"]
+        assert got["loss_for_backward"] == pytest.approx(WORLD * loss.item(), rel=1e-5)
+
+
+@pytest.mark.slow
 def test_unequal_local_batches_raise_on_every_rank(dist_results):
     for result in dist_results:
         assert result["unequal_error"] is not None

@@ -20,6 +20,8 @@ use one dense (B, B) matrix, which is faster there. "all" weights a (B, B) matri
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -38,17 +40,27 @@ def pairwise_distances(emb: torch.Tensor, squared: bool = False) -> torch.Tensor
     Uses ||a||^2 + ||b||^2 - 2 a.b (one matmul, no (B, B, D) difference tensor). Rounding can
     make that slightly negative, hence the clamp; the diagonal is set to exactly zero.
     """
+    return row_distances(emb, slice(0, emb.shape[0]), squared)
+
+
+def row_distances(emb: torch.Tensor, rows: slice, squared: bool = False) -> torch.Tensor:
+    """Differentiable distances from the anchors ``emb[rows]`` to every row of `emb`: (b, B).
+
+    The (b, B) block of :func:`pairwise_distances`; an anchor's distance to itself is exactly 0.
+    """
+    anchors = emb[rows]  # (b, D)
     sq_norm = emb.pow(2).sum(dim=1)  # (B,)
-    sq = sq_norm[:, None] + sq_norm[None, :] - 2.0 * (emb @ emb.T)  # (B, B)
+    sq = sq_norm[rows, None] + sq_norm[None, :] - 2.0 * (anchors @ emb.T)  # (b, B)
     sq = sq.clamp_min(0.0)
-    eye = torch.eye(emb.shape[0], dtype=torch.bool, device=emb.device)
-    sq = sq.masked_fill(eye, 0.0)
+    own = torch.arange(rows.start, rows.start + anchors.shape[0], device=emb.device)
+    self_mask = own[:, None] == torch.arange(emb.shape[0], device=emb.device)[None, :]  # (b, B)
+    sq = sq.masked_fill(self_mask, 0.0)
     if squared:
         return sq
     # d sqrt(x)/dx is infinite at x = 0, and 0 (unused entry) * inf = NaN in backward.
     # Feed sqrt a harmless 1 where the distance is zero and zero those entries afterwards:
     # masked_fill blocks the gradient on both sides, so no NaN reaches `emb`.
-    zero = sq == 0  # (B, B)
+    zero = sq == 0  # (b, B)
     return torch.sqrt(sq.masked_fill(zero, 1.0)).masked_fill(zero, 0.0)
 
 
@@ -91,43 +103,70 @@ def triplet_loss(
 
 
 def _triplet_loss(emb, labels, margin, strategy, squared):
-    if strategy == "all":
-        return _all_triplet_loss(emb, labels, margin, squared)
-    B = emb.shape[0]
-    # Small batches: one dense (B, B) matrix serves mining and the gradient (few, BLAS-bound
-    # kernels). Large ones: mine block by block and differentiate only the chosen pairs.
-    dense = pairwise_distances(emb, squared=squared) if B * B <= _DENSE_MAX_ELEMENTS else None
-    mined = _mine(emb.detach(), labels, strategy, squared, dense=None if dense is None else dense.detach())
-    anchor, positive, negative = mined  # (N,) each
-    num_pairs = anchor.numel()
-    if num_pairs == 0:
+    terms = _anchor_terms(emb, labels, slice(0, emb.shape[0]), margin, strategy, squared)
+    if terms.count == 0:
         return _zero_loss(emb)
-    if dense is not None:
-        d_ap, d_an = dense[anchor, positive], dense[anchor, negative]  # (N,) each
-    else:  # one call for both sides: d_ap = d[:N], d_an = d[N:], exact values and gradients
-        d = pair_distances(emb, torch.cat([anchor, anchor]), torch.cat([positive, negative]), squared)
-        d_ap, d_an = d[:num_pairs], d[num_pairs:]
-    terms = F.relu(d_ap - d_an + margin)  # (N,)
-    loss = terms.mean()
+    loss = terms.total / terms.count
     stats = {
         "loss": float(loss.detach()),
-        "active_fraction": float((terms.detach() > 0).float().mean()),
-        "num_pairs": num_pairs,
+        "active_fraction": terms.active / terms.count,
+        "num_pairs": terms.pairs,
     }
     return loss, stats
 
 
-def _all_triplet_loss(emb, labels, margin, squared):
+class _Terms(NamedTuple):
+    """Un-normalised loss of some anchors: the loss is ``total / count`` over all anchors."""
+
+    total: torch.Tensor  # scalar, differentiable: sum of relu(d_ap - d_an + margin)
+    count: int  # averaged terms: pairs (semihard, hard) or triplets (all)
+    active: int  # terms with a positive loss
+    pairs: int  # anchor-positive pairs that have a negative
+
+
+def _anchor_terms(emb, labels, rows: slice, margin, strategy, squared) -> _Terms:
+    """The loss terms of the anchors ``rows``, positives and negatives taken from all of `emb`.
+
+    emb (B, D) float32, labels (B,). Work and memory are O(b * B) for b = |rows| anchors:
+    a rank mining only its own anchors of a gathered global batch pays 1 / W of the whole.
+    """
+    b, B = rows.stop - rows.start, emb.shape[0]
+    if strategy == "all":
+        return _all_triplet_terms(emb, labels, rows, margin, squared)
+    # A small whole batch: one dense (B, B) matrix serves mining and the gradient (few,
+    # BLAS-bound kernels). Otherwise mine block by block and differentiate only the chosen
+    # pairs; always for a subset of anchors (b < B), where a dense (b, B) matrix's backward
+    # costs a full (B, D) product: the pair path was 1.1-2.4x faster there (B = 128-16,384).
+    whole = b == B and B * B <= _DENSE_MAX_ELEMENTS
+    dense = row_distances(emb, rows, squared=squared) if whole else None
+    anchor, positive, negative = _mine(  # (N,) each, indices into emb
+        emb.detach(), labels, strategy, squared, dense=None if dense is None else dense.detach(), rows=rows
+    )
+    num_pairs = anchor.numel()
+    if num_pairs == 0:
+        return _Terms(emb.sum() * 0.0, 0, 0, 0)
+    if dense is not None:
+        local = anchor - rows.start
+        d_ap, d_an = dense[local, positive], dense[local, negative]  # (N,) each
+    else:  # one call for both sides: d_ap = d[:N], d_an = d[N:], exact values and gradients
+        d = pair_distances(emb, torch.cat([anchor, anchor]), torch.cat([positive, negative]), squared)
+        d_ap, d_an = d[:num_pairs], d[num_pairs:]
+    terms = F.relu(d_ap - d_an + margin)  # (N,)
+    return _Terms(terms.sum(), num_pairs, int((terms.detach() > 0).sum()), num_pairs)
+
+
+def _all_triplet_terms(emb, labels, rows, margin, squared) -> _Terms:
     B = emb.shape[0]
-    dist_ = pairwise_distances(emb, squared=squared)  # (B, B)
-    same = labels[:, None] == labels[None, :]  # (B, B)
-    eye = torch.eye(B, dtype=torch.bool, device=emb.device)
-    neg_mask = ~same  # (B, B)
+    dist_ = row_distances(emb, rows, squared=squared)  # (b, B)
+    own = torch.arange(rows.start, rows.stop, device=emb.device)
+    same = labels[rows, None] == labels[None, :]  # (b, B)
+    self_mask = own[:, None] == torch.arange(B, device=emb.device)[None, :]  # (b, B)
+    neg_mask = ~same  # (b, B)
     # Anchors without any negative cannot form a triplet: ignore their pairs.
-    pos_mask = same & ~eye & neg_mask.any(dim=1)[:, None]  # (B, B)
+    pos_mask = same & ~self_mask & neg_mask.any(dim=1)[:, None]  # (b, B)
     num_pairs = int(pos_mask.sum())
     if num_pairs == 0:
-        return _zero_loss(emb)
+        return _Terms(emb.sum() * 0.0, 0, 0, 0)
     return _all_triplets(dist_, pos_mask, neg_mask, margin, num_pairs)
 
 
@@ -185,16 +224,19 @@ def _block_distances(emb: torch.Tensor, sq_norm: torch.Tensor, rows: slice, squa
 
 
 @torch.no_grad()
-def _mine(emb, labels, strategy, squared, dense=None):
+def _mine(emb, labels, strategy, squared, dense=None, rows: slice | None = None):
     """(anchor, positive, negative) index lists, one triplet per anchor-positive pair.
 
-    Decisions are discrete and made on detached distances, a block of anchors at a time
-    (rows of ``dense`` (B, B) when given, else computed per block); anchors without a
-    negative are dropped (they form no triplet).
+    Anchors are ``rows`` (default: every row); positives and negatives come from all of
+    `emb` (B, D). Decisions are discrete and made on detached distances, a block of anchors
+    at a time (rows of ``dense`` (|rows|, B) when given, else computed per block); anchors
+    without a negative are dropped (they form no triplet).
     """
     B = emb.shape[0]
+    rows = slice(0, B) if rows is None else rows
     cols, ok = _positive_table(labels)  # (B, M), M = largest class size - 1
-    M = cols.shape[1]
+    cols, ok = cols[rows], ok[rows]  # (b, M): the anchors' positives
+    b, M = cols.shape
     if M == 0:  # every class is a singleton: no anchor-positive pair
         return cols.new_empty(0), cols.new_empty(0), cols.new_empty(0)
     sq_norm = emb.pow(2).sum(dim=1) if dense is None else None  # (B,), for _block_distances
@@ -202,19 +244,20 @@ def _mine(emb, labels, strategy, squared, dense=None):
     per_row = B * (M if scan else 1)
     budget = _BLOCK_ELEMENTS * (_GPU_BLOCK_FACTOR if emb.device.type == "cuda" else 1)
     block = max(1, budget // per_row)
-    neg_cols = torch.empty_like(cols)  # (B, M)
-    has_neg = torch.empty(B, dtype=torch.bool, device=emb.device)
+    neg_cols = torch.empty_like(cols)  # (b, M)
+    has_neg = torch.empty(b, dtype=torch.bool, device=emb.device)
     inf = float("inf")
-    for start in range(0, B, block):
-        rows = slice(start, min(B, start + block))
-        d = dense[rows] if dense is not None else _block_distances(emb, sq_norm, rows, squared)  # (c, B)
-        is_neg = labels[rows, None] != labels[None, :]  # (c, B)
-        has_neg[rows] = is_neg.any(dim=1)
+    for start in range(0, b, block):
+        local = slice(start, min(b, start + block))  # block rows among the anchors
+        glob = slice(rows.start + local.start, rows.start + local.stop)  # the same rows of emb
+        d = dense[local] if dense is not None else _block_distances(emb, sq_norm, glob, squared)  # (c, B)
+        is_neg = labels[glob, None] != labels[None, :]  # (c, B)
+        has_neg[local] = is_neg.any(dim=1)
         neg_d = d.masked_fill(~is_neg, inf)  # (c, B): non-negatives pushed to +inf
         if strategy == "hard":  # the closest negative, for every pair of the anchor
-            neg_cols[rows] = neg_d.argmin(dim=1, keepdim=True)
+            neg_cols[local] = neg_d.argmin(dim=1, keepdim=True)
             continue
-        d_ap = d.gather(1, cols[rows])  # (c, M)
+        d_ap = d.gather(1, cols[local])  # (c, M)
         # Fallback when no negative is strictly farther than the positive: the farthest one.
         farthest = d.masked_fill(~is_neg, -inf).argmax(dim=1, keepdim=True)  # (c, 1)
         if scan:
@@ -233,9 +276,9 @@ def _mine(emb, labels, strategy, squared, dense=None):
             num_neg = is_neg.sum(dim=1, keepdim=True)  # (c, 1)
             found = first < num_neg
             col = order.gather(1, first.clamp_max(B - 1))
-        neg_cols[rows] = torch.where(found, col, farthest)
-    keep = ok & has_neg[:, None]  # (B, M)
-    anchor = torch.arange(B, device=emb.device)[:, None].expand_as(cols)[keep]
+        neg_cols[local] = torch.where(found, col, farthest)
+    keep = ok & has_neg[:, None]  # (b, M)
+    anchor = torch.arange(rows.start, rows.start + b, device=emb.device)[:, None].expand_as(cols)[keep]
     return anchor, cols[keep], neg_cols[keep]
 
 
@@ -286,24 +329,25 @@ def pair_distances(emb: torch.Tensor, i: torch.Tensor, j: torch.Tensor, squared:
     return _PairDistance.apply(emb, i, j, squared)
 
 
-def _all_triplets(dist_, pos_mask, neg_mask, margin, num_pairs):
-    """Mean of relu(d_ap - d_an + margin) over all valid triplets, in O(B^2) memory.
+def _all_triplets(dist_, pos_mask, neg_mask, margin, num_pairs) -> _Terms:
+    """Sum of relu(d_ap - d_an + margin) over all valid triplets, in O(b * B) memory.
 
-    relu is piecewise linear, so with active = (d_ap - d_an + margin > 0):
+    dist_, pos_mask, neg_mask: (b, B), the anchors' rows. relu is piecewise linear, so with
+    active = (d_ap - d_an + margin > 0):
         sum_active (d_ap - d_an + margin)
           = sum_{a,p} w_pos[a,p] d_ap - sum_{a,n} w_neg[a,n] d_an + margin * n_active
     where w_pos[a,p] = #active n for (a,p) and w_neg[a,n] = #active p for (a,n). The weights
     are counted without grad, a chunk of anchors at a time; the loss is then a weighted sum
-    of `dist_` (B, B) with the exact value and gradient, and autograd keeps no B^3 tensor.
+    of `dist_` with the exact value and gradient, and autograd keeps no B^3 tensor.
     """
-    B = dist_.shape[0]
+    b, B = dist_.shape
     d = dist_.detach()
-    w_pos = torch.zeros_like(d)  # (B, B)
-    w_neg = torch.zeros_like(d)  # (B, B)
+    w_pos = torch.zeros_like(d)  # (b, B)
+    w_neg = torch.zeros_like(d)  # (b, B)
     n_triplets = 0
     n_active = 0
     chunk = max(1, _ALL_CHUNK_ELEMENTS // (B * B))
-    for start in range(0, B, chunk):
+    for start in range(0, b, chunk):
         rows = slice(start, start + chunk)
         da = d[rows]  # (c, B)
         valid = pos_mask[rows][:, :, None] & neg_mask[rows][:, None, :]  # (c, B, B) [a, p, n]
@@ -312,13 +356,8 @@ def _all_triplets(dist_, pos_mask, neg_mask, margin, num_pairs):
         w_neg[rows] = active.sum(dim=1).to(d.dtype)  # (c, B) over p
         n_triplets += int(valid.sum())
         n_active += int(active.sum())
-    loss = (((w_pos - w_neg) * dist_).sum() + margin * n_active) / n_triplets
-    stats = {
-        "loss": float(loss.detach()),
-        "active_fraction": n_active / n_triplets,
-        "num_pairs": num_pairs,
-    }
-    return loss, stats
+    total = ((w_pos - w_neg) * dist_).sum() + margin * n_active
+    return _Terms(total, n_triplets, n_active, num_pairs)
 
 
 # --------------------------------------------------------------------------------------
@@ -355,15 +394,57 @@ def _all_gather_cat(local: torch.Tensor, keep_grad: bool) -> torch.Tensor:
 def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
     """All-gather (B, D) -> (W * B, D), rank-major; only this rank's slice has a gradient.
 
-    The other slices are constants here: their gradients are computed by their own ranks
-    (see `distributed_triplet_loss`). Returns `local` unchanged without distributed / W == 1.
+    The other slices are constants here: their gradients are computed by their own ranks,
+    which is right when every rank computes the *same* loss on the whole gathered batch
+    (``distributed_triplet_loss(..., anchors="all")``). Returns `local` unchanged without
+    distributed / W == 1.
     """
     return _all_gather_cat(local, keep_grad=True)
+
+
+class _GatherSumGrad(torch.autograd.Function):
+    """All-gather (B, D) -> (W * B, D) whose backward sums every rank's gradient of the result.
+
+    For ranks that each compute a *different* part L_r of the loss (their own anchors) on the
+    gathered batch: dL/de_r = sum_s dL_s/dE[r's slice], so backward all-reduces the (W * B, D)
+    gradient and returns this rank's slice. One all-reduce per step, of the same size as the
+    forward's all-gather (gloo has no reduce-scatter).
+    """
+
+    @staticmethod
+    def forward(ctx, local):
+        rank, world_size = world()
+        ctx.rank, ctx.b = rank, local.shape[0]
+        parts = [torch.empty_like(local) for _ in range(world_size)]
+        dist.all_gather(parts, local.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)  # sum over ranks
+        return grad[ctx.rank * ctx.b : (ctx.rank + 1) * ctx.b]
+
+
+def gather_sum_grad(local: torch.Tensor) -> torch.Tensor:
+    """All-gather (B, D) -> (W * B, D) with a gradient to every slice, summed over ranks.
+
+    Every rank must call backward through the result (the backward is a collective).
+    Returns `local` unchanged without distributed / W == 1.
+    """
+    _, world_size = world()
+    if world_size == 1:
+        return local
+    _check_equal_batch(local, world_size)
+    return _GatherSumGrad.apply(local)
 
 
 def gather_labels(labels: torch.Tensor) -> torch.Tensor:
     """All-gather (B,) -> (W * B,) labels, in the same rank-major order as `gather_with_grad`."""
     return _all_gather_cat(labels, keep_grad=False)
+
+
+ANCHORS = ("own", "all")
 
 
 def distributed_triplet_loss(
@@ -373,24 +454,69 @@ def distributed_triplet_loss(
     margin: float = 0.2,
     strategy: str = "semihard",
     squared: bool = False,
+    anchors: str = "own",
 ) -> tuple[torch.Tensor, dict]:
     """Triplet loss mined over the global batch of all ranks; gradient-exact under DDP.
 
     Returns (loss_for_backward, stats); stats["loss"] is the global-batch loss (the same
-    number on every rank, for logging); loss_for_backward = world_size * global loss.
+    number on every rank, for logging); loss_for_backward is what this rank backpropagates.
 
-    Why x W. Let L(e_1, ..., e_W) be the loss on the concatenated batch, e_r = f(x_r; theta)
-    rank r's embeddings. Every rank computes the same L, but only its own slice e_r is in
-    its graph, so backward on rank r yields g_r = dL/de_r . de_r/dtheta. By the chain rule,
-    sum_r g_r = dL/dtheta, the gradient of one process on the concatenated batch. DDP (or a
-    manual all_reduce-mean of grads) averages: (1/W) sum_r g_r. Scaling each rank's loss by
-    W turns that average into the sum, i.e. exactly the single-process gradient.
+    anchors="own" (default): each rank mines only its own B anchors against the gathered
+    W * B embeddings (positives and negatives from every rank), O(B * W * B) per rank instead
+    of O((W * B)^2). Its terms are summed and divided by the *global* number of terms (one
+    small all-reduce), so the ranks' parts add up to the loss L of the concatenated batch:
+    L = sum_r L_r. Remote positives and negatives get gradients too: the gather's backward
+    all-reduces dL_r/dE, so rank r's embeddings receive dL/de_r = sum_s dL_s/de_r.
+
+    anchors="all": every rank mines the whole global batch and computes the same L; only its
+    own slice is in its graph (the remote ones are constants), giving g_r = dL/de_r . de_r/dθ.
+    Simpler, and W times the mining work (kept for comparison: ``toolkit bench mining``).
+
+    Why x W, either way. Rank r's parameter gradient is g_r = dL/de_r . de_r/dθ, and by the
+    chain rule sum_r g_r = dL/dθ, the gradient of one process on the concatenated batch. DDP
+    (or an all_reduce-mean of grads) averages: (1/W) sum_r g_r. Scaling each rank's loss by W
+    turns that average into the sum, i.e. exactly the single-process gradient.
     Requires equal local batch sizes (checked; raises ValueError otherwise).
     """
+    if anchors not in ANCHORS:
+        raise ValueError(f"unknown anchors {anchors!r}; expected one of {ANCHORS}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    rank, world_size = world()
+    if anchors == "all" or world_size == 1:
+        all_emb = gather_with_grad(embeddings)  # (W * B, D)
+        all_labels = gather_labels(labels.to(embeddings.device))  # (W * B,)
+        loss, stats = triplet_loss(all_emb, all_labels, margin=margin, strategy=strategy, squared=squared)
+        return loss * world_size, stats
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        emb = embeddings.float() if embeddings.dtype in (torch.float16, torch.bfloat16) else embeddings
+        all_emb = gather_sum_grad(emb)  # (W * B, D), every slice differentiable
+        all_labels = gather_labels(labels.to(emb.device))  # (W * B,)
+        b = emb.shape[0]
+        return own_anchor_loss(all_emb, all_labels, slice(rank * b, (rank + 1) * b), margin=margin,
+                               strategy=strategy, squared=squared)
+
+
+def own_anchor_loss(all_emb, all_labels, own: slice, *, margin=0.2, strategy="semihard", squared=False):
+    """This rank's part of the global loss: anchors ``own`` of the gathered batch (W * B, D).
+
+    Returns (loss_for_backward, stats) as :func:`distributed_triplet_loss` does; makes one
+    all-reduce of four numbers (the global sum, terms, active terms and pairs).
+    """
     _, world_size = world()
-    all_emb = gather_with_grad(embeddings)  # (W * B, D)
-    all_labels = gather_labels(labels.to(embeddings.device))  # (W * B,)
-    loss, stats = triplet_loss(
-        all_emb, all_labels, margin=margin, strategy=strategy, squared=squared
-    )
-    return loss * world_size, stats
+    terms = _anchor_terms(all_emb, all_labels, own, margin, strategy, squared)
+    # float64 keeps the counts exact up to 2^53
+    sums = torch.tensor([float(terms.total.detach()), terms.count, terms.active, terms.pairs],
+                        dtype=torch.float64, device=all_emb.device)
+    if world_size > 1:
+        dist.all_reduce(sums)
+    total, count, active, pairs = sums.tolist()
+    if count == 0:
+        loss = all_emb.sum() * 0.0  # through the gather: every rank's backward meets the collective
+        return loss, {"loss": 0.0, "active_fraction": 0.0, "num_pairs": 0}
+    share = terms.total / count  # this rank's share L_r of the global loss L
+    # The value is W * L on every rank (what is logged and checked for NaN, so every rank
+    # decides alike); the gradient is that of W * L_r, this rank's part.
+    rest = total / count - float(share.detach())  # L - L_r, a constant
+    stats = {"loss": total / count, "active_fraction": active / count, "num_pairs": int(pairs)}
+    return (share + rest) * world_size, stats

@@ -46,6 +46,24 @@ def global_batch(world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, labels[torch.randperm(n, generator=g)]
 
 
+def uneven_labels(world_size: int, case: str) -> torch.Tensor:
+    """Labels of the global batch (rank-major) whose ranks hold different numbers of pairs.
+
+    "uneven": rank 0 holds 4 classes x 6; every other rank one image of each of those classes
+    (their positives are all remote) and singletons. "zero": the other ranks hold singletons
+    only, so their anchors have no pair at all (their loss share is 0, their gradient is not).
+    """
+    first = torch.arange(4).repeat_interleave(LOCAL_BATCH // 4)
+    rest = []
+    for r in range(1, world_size):
+        singletons = 100 * r + torch.arange(LOCAL_BATCH)
+        rest.append(torch.cat([torch.arange(4), singletons[4:]]) if case == "uneven" else singletons)
+    return torch.cat([first, *rest])
+
+
+UNEVEN_CASES = ("uneven", "zero")
+
+
 def main(out_dir: Path) -> None:
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -64,6 +82,23 @@ def main(out_dir: Path) -> None:
             "stats": stats,
             "loss_for_backward": loss.item(),
         }
+
+    # Ranks holding different numbers of pairs (own-anchor mining normalises by the global
+    # count), and both anchor modes.
+    for case in UNEVEN_CASES:
+        y = uneven_labels(world_size, case)
+        for strategy in STRATEGIES:
+            for anchors in ("own", "all"):
+                model = DDP(build_model())
+                loss, stats = distributed_triplet_loss(
+                    embed(model, x[mine]), y[mine], margin=MARGIN, strategy=strategy, anchors=anchors
+                )
+                loss.backward()
+                result[(case, strategy, anchors)] = {
+                    "grads": {name: p.grad.clone() for name, p in model.module.named_parameters()},
+                    "stats": stats,
+                    "loss_for_backward": loss.item(),
+                }
 
     # Unequal local batches must raise on every rank (not hang in the collective).
     try:

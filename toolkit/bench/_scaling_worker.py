@@ -6,8 +6,8 @@ toolkit's step, unrolled so that each phase gets its own clock:
 
     forward   uint8 -> to_model_input -> model(x)            (local batch)
     wait      barrier: time spent waiting for the slowest rank's forward (0 with one process)
-    gather    gather_with_grad(embeddings) + gather_labels   (the all-gathers of the step)
-    mining    semi-hard triplet loss over the global batch (x world size, as in the toolkit)
+    gather    gather_sum_grad(embeddings) + gather_labels   (the all-gathers of the step)
+    mining    semi-hard triplet loss of this rank's anchors over the global batch (as in the toolkit)
     backward  accelerator.backward (with DDP, includes the gradient all-reduce it overlaps)
     optimizer optimizer.step + scheduler.step + zero_grad
 
@@ -54,7 +54,7 @@ def run(args) -> dict | None:
 
     from toolkit.data.transforms import to_model_input
     from toolkit.engine.embed import build_scheduler
-    from toolkit.losses import gather_labels, gather_with_grad, triplet_loss
+    from toolkit.losses import gather_labels, gather_sum_grad, own_anchor_loss
     from toolkit.models import build_embedder
 
     if args.threads:
@@ -81,11 +81,11 @@ def run(args) -> dict | None:
         if distributed:
             dist.barrier()
         t2 = time.perf_counter()
-        all_emb = gather_with_grad(emb.float())  # (W·B, 128), own slice keeps its graph
+        all_emb = gather_sum_grad(emb.float())  # (W·B, 128); backward sums the ranks' gradients
         all_labels = gather_labels(labels)
         t3 = time.perf_counter()
-        loss, _stats = triplet_loss(all_emb, all_labels, margin=0.2, strategy="semihard")
-        loss = loss * world  # what distributed_triplet_loss returns
+        b = emb.shape[0]
+        loss, _stats = own_anchor_loss(all_emb, all_labels, slice(rank * b, (rank + 1) * b), margin=0.2)
         t4 = time.perf_counter()
         accelerator.backward(loss)
         t5 = time.perf_counter()

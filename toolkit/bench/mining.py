@@ -1,14 +1,26 @@
-"""Semi-hard mining cost: the toolkit's O(B²) loss vs pytorch-metric-learning, same embeddings.
+"""Semi-hard mining cost: the toolkit's O(B²) loss vs pytorch-metric-learning and a plain
+vectorised semi-hard loss, same embeddings; and the per-rank cost with W ranks.
 
-For each global batch size B (128-d unit vectors, P×K labels with K = 4), times forward +
-backward of ``toolkit.losses.triplet_loss(strategy="semihard")`` and of pytorch-metric-
-learning's ``TripletMarginMiner(type_of_triplets="semihard")`` + ``TripletMarginLoss``
-(margin 0.2 both), and measures peak memory of each in a fresh subprocess (peak RSS growth
-on CPU, ``torch.cuda.max_memory_allocated`` on GPU). PML's miner enumerates all B·K·B
-triplets (a B×B×B mask while that has fewer than 2³¹ elements, a per-anchor Python loop
-beyond), so its cost grows as B³. Ours scans each positive's distance threshold over a block
-of anchors at a time and differentiates only the chosen pairs: time grows as B² (the
-``ns/B²`` column stays flat) and memory as one block plus B·K.
+**Against other code** (``--sizes``). For each global batch size B (128-d unit vectors, P×K
+labels with K = 4), times forward + backward and measures peak memory (each in a fresh
+subprocess: peak RSS growth on CPU, ``torch.cuda.max_memory_allocated`` on GPU) of
+
+* the toolkit: ``toolkit.losses.triplet_loss(strategy="semihard")``, one term per
+  anchor-positive pair with its semi-hard negative (FaceNet / TF-Addons), O(B²) time;
+* "vectorised": the *same objective* written the plain way, one (pairs, B) masked matrix
+  (``vectorised_semihard``; TF-Addons' ``triplet_semihard_loss`` tiles a (B², B) one):
+  O(B²·K) time and memory; its loss is checked against the toolkit's;
+* pytorch-metric-learning's ``TripletMarginMiner(type_of_triplets="semihard")`` +
+  ``TripletMarginLoss`` (margin 0.2): a *different* objective. PML's "semihard" keeps every
+  triplet (a, p, n) with d(a, p) < d(a, n) < d(a, p) + margin and averages over all of them,
+  so it enumerates all B·K·B triplets (a B×B×B mask while that has fewer than 2³¹ elements,
+  a per-anchor Python loop beyond): O(B³).
+
+**Per rank** (``--per_rank``). With W ranks of B/W images each, ``anchors="own"`` has each
+rank mine only its own B/W anchors against the gathered global batch: one process runs
+rank 0's share (``own_anchor_loss`` over rows 0..B/W, forward + backward) for W = 1, 2, 8,
+64, side by side with today's every-rank-mines-all (``triplet_loss`` on the whole B, the
+same on every rank). Collectives are not in the clock (``toolkit bench scaling`` times them).
 """
 from __future__ import annotations
 
@@ -21,6 +33,8 @@ import time
 import torch
 
 DEFAULT_SIZES = (256, 1024, 2048, 4096)
+DEFAULT_PER_RANK = (2048, 4096, 8192, 16384)
+DEFAULT_WORLDS = (1, 2, 8, 64)
 
 
 def _batch(b: int, *, dim: int = 128, k: int = 4, seed: int = 0, device: str = "cpu"):
@@ -37,6 +51,34 @@ def _toolkit_fn():
     return lambda e, y: triplet_loss(e, y, margin=0.2, strategy="semihard")[0]
 
 
+def vectorised_semihard(emb: torch.Tensor, labels: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
+    """The toolkit's semi-hard objective written plainly: one (pairs, B) masked matrix.
+
+    For every anchor-positive pair (a, p) whose anchor has a negative: n = the closest
+    negative strictly farther than p, else the farthest negative; mean of relu(d_ap - d_an + m).
+    """
+    from toolkit.losses import pairwise_distances
+
+    d = pairwise_distances(emb)  # (B, B)
+    same = labels[:, None] == labels[None, :]
+    neg = ~same
+    eye = torch.eye(len(labels), dtype=torch.bool, device=emb.device)
+    a, p = (same & ~eye & neg.any(dim=1)[:, None]).nonzero(as_tuple=True)  # (N,) each
+    d_ap = d[a, p]  # (N,)
+    d_an = d[a]  # (N, B)
+    neg_a = neg[a]  # (N, B)
+    outside = neg_a & (d_an.detach() > d_ap.detach()[:, None])  # (N, B)
+    inf = torch.full_like(d_an, float("inf"))
+    semi = torch.where(outside, d_an, inf).min(dim=1).values
+    farthest = torch.where(neg_a, d_an, -inf).max(dim=1).values
+    chosen = torch.where(outside.any(dim=1), semi, farthest)
+    return torch.nn.functional.relu(d_ap - chosen + margin).mean()
+
+
+def _vectorised_fn():
+    return lambda e, y: vectorised_semihard(e, y, 0.2)
+
+
 def _pml_fn():
     try:
         from pytorch_metric_learning import losses, miners
@@ -51,28 +93,20 @@ def _measure(side: str, b: int, repeats: int, device: str) -> dict:
     """Runs in a fresh process so peak memory belongs to this side alone."""
     import resource
 
-    fn = _toolkit_fn() if side == "toolkit" else _pml_fn()
+    fn = {"toolkit": _toolkit_fn, "vectorised": _vectorised_fn, "pml": _pml_fn}[side]()
     emb, labels = _batch(b, device=device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times = []
-    for _ in range(repeats + 1):  # first call warms up
-        e = emb.clone().requires_grad_(True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn(e, labels).backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+    seconds = _best_seconds(lambda e: fn(e, labels), emb, repeats, device)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"side": side, "batch": b, "seconds": min(times[1:]), "peak_bytes": max(0, peak)}
+    loss = float(fn(emb, labels))
+    return {"side": side, "batch": b, "seconds": seconds, "peak_bytes": max(0, peak), "loss": loss}
 
 
 def _run_child(side: str, b: int, repeats: int, device: str, timeout: float) -> dict:
@@ -102,49 +136,137 @@ def _fmt_s(x):
     return "—" if x is None else f"{x * 1000:.1f}"
 
 
-def main(*, sizes: str = ",".join(map(str, DEFAULT_SIZES)), repeats: int = 3, timeout: float = 120.0, device: str = "auto", out: str = "") -> dict:
-    """Time and memory of semi-hard mining, toolkit vs pytorch-metric-learning.
+def _int_list(value) -> list[int]:
+    # fire turns "--sizes 256,1024" into a tuple, "--sizes 256" into an int
+    if isinstance(value, (tuple, list)):
+        return [int(x) for x in value]
+    return [int(x) for x in str(value).split(",") if x.strip()]
+
+
+def _best_seconds(fn, emb: torch.Tensor, repeats: int, device: str) -> float:
+    """Best of ``repeats`` timed forward + backward calls of ``fn(emb)``, after one warm-up."""
+    times = []
+    for _ in range(repeats + 1):
+        e = emb.clone().requires_grad_(True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn(e).backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return min(times[1:])
+
+
+def per_rank_table(global_batches: list[int], worlds: list[int], repeats: int, device: str) -> tuple[list[str], list[dict]]:
+    """Every-rank-mines-all vs rank 0's own-anchor share for each W, ms per step."""
+    from toolkit.losses import own_anchor_loss, triplet_loss
+
+    rows = []
+    for g in global_batches:
+        emb, labels = _batch(g, device=device)
+        everyone = _best_seconds(lambda e: triplet_loss(e, labels, margin=0.2, strategy="semihard")[0], emb, repeats, device)
+        own = {w: _best_seconds(lambda e, b=g // w: own_anchor_loss(e, labels, slice(0, b), margin=0.2)[0], emb, repeats, device)
+               for w in worlds}
+        rows.append({"global_batch": g, "all_ms": everyone * 1000, "own_ms": {w: t * 1000 for w, t in own.items()},
+                     "ratio_at_max_w": everyone / own[worlds[-1]]})
+    lines = ["| global batch | every rank mines all, ms | " + " | ".join(f"own anchors W={w}, ms" for w in worlds)
+             + f" | W={worlds[-1]}: all / own |",
+             "|---:|---:|" + "---:|" * len(worlds) + "---:|"]
+    for r in rows:
+        lines.append(f"| {r['global_batch']:,} | {r['all_ms']:.1f} | "
+                     + " | ".join(f"{r['own_ms'][w]:.1f}" for w in worlds) + f" | {r['ratio_at_max_w']:.1f}× |")
+    return lines, rows
+
+
+def main(
+    *,
+    sizes: str = ",".join(map(str, DEFAULT_SIZES)),
+    per_rank: str = ",".join(map(str, DEFAULT_PER_RANK)),
+    worlds: str = ",".join(map(str, DEFAULT_WORLDS)),
+    repeats: int = 3,
+    timeout: float = 120.0,
+    device: str = "auto",
+    out: str = "",
+) -> dict:
+    """Time and memory of semi-hard mining: toolkit vs a vectorised loss vs PML; cost per rank.
 
     Args:
-        sizes: comma-separated global batch sizes (e.g. 256,1024,2048,4096).
+        sizes: comma-separated global batch sizes for the comparison with other code
+            (e.g. 256,1024,2048,4096); 0 skips that table.
+        per_rank: global batch sizes for the per-rank view (e.g. 2048,4096,8192,16384); 0 skips it.
+        worlds: numbers of ranks W of the per-rank view (each must divide every per_rank size).
         repeats: timed repetitions per side (best is reported).
         timeout: seconds allowed per side and size (PML at large B is slow).
         device: auto (cuda if present), cpu or cuda.
         out: optional JSON output file.
     """
+    from toolkit.bench import require_ints
+    from toolkit.errors import ConfigError
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    # fire turns "--sizes 256,1024" into a tuple, "--sizes 256" into an int
-    batch_sizes = [int(x) for x in sizes] if isinstance(sizes, (tuple, list)) else [int(x) for x in str(sizes).split(",") if x.strip()]
-    rows = []
-    for b in batch_sizes:
-        ours = _run_child("toolkit", b, repeats, device, timeout)
-        pml = _run_child("pml", b, repeats, device, timeout)
-        speed = pml["seconds"] / ours["seconds"] if ours["seconds"] and pml["seconds"] else None
-        # RSS growth under ~1 MiB is below what ru_maxrss resolves: no ratio rather than a silly one
-        mem = pml["peak_bytes"] / ours["peak_bytes"] if (ours["peak_bytes"] or 0) >= 2**20 and pml["peak_bytes"] else None
-        rows.append({"batch": b, "toolkit": ours, "pml": pml, "speedup": speed, "memory_ratio": mem})
-    lines = [
-        f"semi-hard mining, forward+backward, 128-d, K=4, margin 0.2, device {device}",
-        "",
-        "| global batch | toolkit ms | toolkit ns/B² | PML ms | speed-up | toolkit peak MB | PML peak MB | memory ratio |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        sp = "—" if r["speedup"] is None else f"{r['speedup']:.1f}×"
-        mr = "—" if r["memory_ratio"] is None else f"{r['memory_ratio']:.1f}×"
-        note = " ".join(x.get("error", "") for x in (r["toolkit"], r["pml"]) if x.get("error"))
-        lines.append(
-            f"| {r['batch']} | {_fmt_s(r['toolkit']['seconds'])} | {_fmt_per_b2(r['toolkit']['seconds'], r['batch'])} | "
-            f"{_fmt_s(r['pml']['seconds'])} | {sp} | "
-            f"{_fmt_mb(r['toolkit']['peak_bytes'])} | {_fmt_mb(r['pml']['peak_bytes'])} | {mr} |" + (f" {note}" if note else "")
+    batch_sizes = [b for b in _int_list(sizes) if b]
+    rank_sizes = [b for b in _int_list(per_rank) if b]
+    world_sizes = _int_list(worlds)
+    require_ints("mining", [("repeats", repeats, 1), *(("sizes", b, 8) for b in batch_sizes),
+                            *(("per_rank", b, 8) for b in rank_sizes), *(("worlds", w, 1) for w in world_sizes)])
+    bad = [(g, w) for g in rank_sizes for w in world_sizes if g % w or g // w < 2]
+    if bad:
+        raise ConfigError(f"toolkit bench mining: every --per_rank size needs ≥ 2 images per rank and must be "
+                          f"divisible by every --worlds value; {bad[0][0]} and W = {bad[0][1]} are not")
+    result = {"device": device, "rows": [], "per_rank": []}
+    if batch_sizes:
+        lines = comparison_table(batch_sizes, repeats, device, timeout, result["rows"])
+        print("\n".join(lines))
+    if rank_sizes:
+        lines, result["per_rank"] = per_rank_table(rank_sizes, world_sizes, repeats, device)
+        print(
+            f"\nper-rank mining, forward+backward, 128-d, K=4, margin 0.2, device {device}: rank 0's share with W ranks "
+            "(anchors=\"own\", the default) vs every rank mining the whole global batch (anchors=\"all\")\n"
         )
-    lines.append("")
-    lines.append("targets at 2048: ≥ 10× faster, ≥ 20× less peak memory")
-    print("\n".join(lines))
-    result = {"device": device, "rows": rows}
+        print("\n".join(lines))
+        if max(world_sizes) >= 64:
+            print("\ntarget at W = 64: per-rank mining ≥ 30× below every-rank-mines-all")
     if out:
         from toolkit.files import atomic_write_json
 
         atomic_write_json(out, result)
     return result
+
+
+def comparison_table(batch_sizes: list[int], repeats: int, device: str, timeout: float, rows: list) -> list[str]:
+    for b in batch_sizes:
+        ours = _run_child("toolkit", b, repeats, device, timeout)
+        vec = _run_child("vectorised", b, repeats, device, timeout)
+        pml = _run_child("pml", b, repeats, device, timeout)
+        speed = pml["seconds"] / ours["seconds"] if ours["seconds"] and pml["seconds"] else None
+        vec_speed = vec["seconds"] / ours["seconds"] if ours["seconds"] and vec["seconds"] else None
+        # RSS growth under ~1 MiB is below what ru_maxrss resolves: no ratio rather than a silly one
+        mem = pml["peak_bytes"] / ours["peak_bytes"] if (ours["peak_bytes"] or 0) >= 2**20 and pml["peak_bytes"] else None
+        same = abs(vec["loss"] - ours["loss"]) if vec.get("loss") is not None and ours.get("loss") is not None else None
+        rows.append({"batch": b, "toolkit": ours, "vectorised": vec, "pml": pml, "speedup": speed,
+                     "vectorised_speedup": vec_speed, "memory_ratio": mem, "vectorised_loss_diff": same})
+    lines = [
+        f"semi-hard mining, forward+backward, 128-d, K=4, margin 0.2, device {device}",
+        "",
+        "| global batch | toolkit ms | toolkit ns/B² | vectorised ms (same objective) | toolkit vs vectorised | "
+        "same loss | PML ms (every triplet in the margin) | toolkit vs PML | toolkit peak MB | vectorised peak MB | "
+        "PML peak MB | PML / toolkit memory |",
+        "|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        sp = "—" if r["speedup"] is None else f"{r['speedup']:.1f}×"
+        vs = "—" if r["vectorised_speedup"] is None else f"{r['vectorised_speedup']:.1f}×"
+        mr = "—" if r["memory_ratio"] is None else f"{r['memory_ratio']:.1f}×"
+        same = "—" if r["vectorised_loss_diff"] is None else ("✓" if r["vectorised_loss_diff"] < 1e-5 else f"✗ {r['vectorised_loss_diff']:.1e}")
+        note = " ".join(x.get("error", "") for x in (r["toolkit"], r["vectorised"], r["pml"]) if x.get("error"))
+        lines.append(
+            f"| {r['batch']} | {_fmt_s(r['toolkit']['seconds'])} | {_fmt_per_b2(r['toolkit']['seconds'], r['batch'])} | "
+            f"{_fmt_s(r['vectorised']['seconds'])} | {vs} | {same} | {_fmt_s(r['pml']['seconds'])} | {sp} | "
+            f"{_fmt_mb(r['toolkit']['peak_bytes'])} | {_fmt_mb(r['vectorised']['peak_bytes'])} | "
+            f"{_fmt_mb(r['pml']['peak_bytes'])} | {mr} |" + (f" {note}" if note else "")
+        )
+    lines.append("")
+    lines.append("targets at 2048: ≥ 10× faster, ≥ 20× less peak memory (vs PML)")
+    return lines

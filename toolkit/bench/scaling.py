@@ -13,9 +13,9 @@ starts; the clock covers only training steps. The cores are split evenly between
 processes (torch threads = cores / processes), so both runs use the whole machine.
 
 The table gives the mean ms per step of each phase (mean over ranks): forward, waiting for
-the slowest rank (barrier), the all-gathers of embeddings and labels, semi-hard mining on the
-global batch, backward (which, with two processes, holds DDP's gradient all-reduce),
-optimizer; then the wall time per step and the images/s. Launches alternate 1 2 2 1 ...;
+the slowest rank (barrier), the all-gathers of embeddings and labels, semi-hard mining of the
+rank's own anchors against the global batch, backward (which, with two processes, holds the
+gathered embeddings' gradient all-reduce and DDP's gradient all-reduce), optimizer; then the wall time per step and the images/s. Launches alternate 1 2 2 1 ...;
 each side reports its best launch.
 """
 from __future__ import annotations
@@ -39,8 +39,8 @@ LABELS = {
     "forward": "forward (to_model_input + model)",
     "wait": "wait for slowest rank (barrier)",
     "gather": "gather (all-gather embeddings + labels)",
-    "mining": "mining (semi-hard loss, global batch)",
-    "backward": "backward (+ DDP grad all-reduce)",
+    "mining": "mining (semi-hard loss, own anchors vs global batch)",
+    "backward": "backward (+ embedding-grad and DDP grad all-reduces)",
     "optimizer": "optimizer + scheduler",
 }
 
@@ -168,7 +168,7 @@ def main(
     print("## toolkit bench scaling\n")
     print(
         f"ZFNet at {input_size}×{input_size}, {data} data, {one['global_batch']} images per process per step "
-        f"(P×K, K={K}), semi-hard mining over the global batch, Adam, fp32, CPU; {n_cores} cores split evenly "
+        f"(P×K, K={K}), semi-hard mining of each rank's anchors over the global batch, Adam, fp32, CPU; {n_cores} cores split evenly "
         f"between the processes; {processes} processes = `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
         f"--num_processes {processes}` (gloo, DDP). {warmup} warm-up + {steps} timed steps per launch, best of "
         f"{repeats} launch(es) per side, alternating. Phase times are means over steps and ranks; a barrier "
@@ -176,8 +176,8 @@ def main(
     )
     print(format_table(one, many).replace("2 processes", f"{processes} processes"))
     print(
-        f"\nimages/s, {processes} processes vs 1: {ratio:.2f}× (same {n_cores} cores; each process mines the "
-        f"{processes}× larger global batch)"
+        f"\nimages/s, {processes} processes vs 1: {ratio:.2f}× (same {n_cores} cores; each process mines its own "
+        f"anchors against the {processes}× larger global batch)"
     )
     report = {"benchmark": "scaling", "cores": n_cores, "data": data, "batch_size_per_process": one["global_batch"],
               "one": one, "many": many, "processes": processes, "ratio": ratio, "runs": runs}
