@@ -138,3 +138,17 @@ def test_mining_bench_prints_both_sides_ratio_and_b2_cost(tmp_path):
     assert [row["global_batch"] for row in report["per_rank"]] == [256, 512]
     big = report["per_rank"][-1]
     assert big["own_ms"]["8"] < big["all_ms"] and big["ratio_at_max_w"] == pytest.approx(big["all_ms"] / big["own_ms"]["8"])
+
+@pytest.mark.slow
+def test_validate_bench_prints_gathered_and_sharded_side_by_side_with_the_same_metrics(tmp_path):
+    out = tmp_path / "validate.json"
+    r = run("bench", "validate", "--references", 3000, "--queries", 400, "--classes", 20, "--out", out, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
+    assert _row(r.stdout, "| |")[1:] == ["gathered on rank 0 (before)", "sharded", "sharded / before"]
+    wall = _row(r.stdout, "| wall time")
+    assert _num(wall[1]) > 0 and _num(wall[2]) > 0
+    assert _row(r.stdout, "| same metrics")[2] == "✓"
+    report = json.loads(out.read_text())
+    assert report["same_metrics"] and report["before"]["processes"] == report["after"]["processes"] == 2
+    assert 0.3 < report["after"]["metrics"]["knn_accuracy"] <= 1.0
+    assert report["time_ratio"] == pytest.approx(report["after"]["wall_s"] / report["before"]["wall_s"])

@@ -249,7 +249,7 @@ def brute_unknown(ref, ry, val, vy, fmr):
 def test_calibrate_unknown_matches_brute_force(fmr, monkeypatch):
     searches = []
     nearest = retrieval.search.nearest
-    monkeypatch.setattr(retrieval.search, "nearest", lambda ref, q, k: searches.append((len(ref), k)) or nearest(ref, q, k))
+    monkeypatch.setattr(retrieval.search, "nearest", lambda ref, q, k, **kw: searches.append((len(ref), k)) or nearest(ref, q, k, **kw))
     rng = np.random.default_rng(12)
     centres = rng.standard_normal((8, 16))
     ref, ry = clustered(600, 8, seed=13, spread=0.15, centres=centres)  # ~75 a class: top-32 all own class

@@ -240,7 +240,8 @@ class EmbedConfig:
     arch: Literal["zfnet", "resnet18", "resnet34"] = "zfnet"
     embedding_dim: int = 128
     sync_bn: bool = False
-    channels_last: bool = False
+    channels_last: bool = False  # NHWC weights and inputs (tensor-core friendly on GPUs); same results
+    compile: bool = False  # torch.compile the training model (eager validation); first steps compile, CPU needs a C++ compiler
     # loss
     margin: float = 0.2
     mining: Literal["semihard", "hard", "all"] = "semihard"
@@ -255,12 +256,13 @@ class EmbedConfig:
     epochs: int = 10
     max_steps: int = 0
     max_minutes: float = 0.0  # of training (validation included, setup not), on rank 0's clock
-    # validation (rank 0, kNN on the embeddings)
+    # validation (sharded: each rank searches the train references it embedded; rank 0 merges)
     val_every: int = 1  # epochs
     knn_k: int = 13
     eval_batch_size: int = 512
     select_by: SelectBy = "val/knn_accuracy"  # the metric that picks best_embedder.pt (val/map_at_r breaks ties)
     unknown_fmr: float = 0.01  # false-match rate at which the saved "unknown" distance is calibrated (val vs train)
+    save_index: bool = True  # best_embedder.pt holds the train embeddings as its kNN index (sent to rank 0 on save)
     # checkpoints
     ckpt_every: int = 0  # steps; 0 = at every validation
     keep_last: int = 3

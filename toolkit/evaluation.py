@@ -21,6 +21,7 @@ classifier report, so all three score the same way.
 """
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -355,3 +356,125 @@ def calibrated_unknown(train, val, *, fmr: float) -> dict:
     """The "unknown" distance saved with an embedder: calibrated on the val queries against the
     train references (assembled (keys, emb, labels) each) at the false-match rate ``fmr``."""
     return {**calibrate_unknown(train[1], train[2], val[1], val[2], fmr=fmr), "calibrated_on": "val queries vs train references"}
+
+
+# ----------------------------------------------------------------------------- sharded validation
+
+
+def _sorted_share(part):
+    """A rank's (keys, emb, labels), sorted by key (the order :func:`gather_to_main` assembles)."""
+    keys, emb, labels = part
+    order = np.argsort(np.asarray(keys, dtype=object)) if len(keys) else np.zeros(0, dtype=np.int64)
+    idx = torch.from_numpy(order.astype(np.int64))
+    return [keys[i] for i in order], emb[idx], labels[idx]
+
+
+def _share_candidates(train_emb: torch.Tensor, queries: torch.Tensor, *, k: int, depth: int, unknown: bool,
+                      query_labels: np.ndarray, train_labels: np.ndarray, centre: np.ndarray) -> dict:
+    """What one rank's references contribute: per query its k nearest (exact, float64
+    distances), its ``depth`` nearest as the faiss search ranks them (float32 squared
+    distances) and, with ``unknown``, the nearest same-class and other-class distances."""
+    from toolkit import search
+    from toolkit.knn import knn_neighbors
+    from toolkit.retrieval import nearest_own_and_other
+
+    n, q = len(train_emb), len(queries)
+    out = {"knn_d": np.full((q, 0), np.inf), "knn_i": np.zeros((q, 0), dtype=np.int64),
+           "rank_d": np.full((q, 0), np.inf, dtype=np.float32), "rank_i": np.zeros((q, 0), dtype=np.int64)}
+    if n and q:
+        idx = knn_neighbors(train_emb, queries, k=min(k, n))  # (Q, k') local rows, exact
+        # float64 by differences, the distance the kNN module refines and sorts with; in
+        # blocks of queries, so the (block, k', D) temporary stays small
+        d = np.empty(idx.shape)
+        step = max(1, (1 << 20) // (idx.shape[1] * train_emb.shape[1]))
+        for s in range(0, q, step):
+            rows = idx[s : s + step]
+            d[s : s + step] = (train_emb[rows].double() - queries[s : s + step].double()[:, None, :]).pow(2).sum(2).numpy()
+        out["knn_d"], out["knn_i"] = d, idx.numpy()
+        out["rank_d"], out["rank_i"] = search.nearest(train_emb.numpy(), queries.numpy(), min(depth, n), centre=centre)
+    if unknown:
+        out["own"], out["other"] = nearest_own_and_other(train_emb.numpy(), train_labels, queries.numpy(), query_labels,
+                                                         centre=centre)
+    return out
+
+
+def _merge_nearest(dist: list[np.ndarray], ids: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's ``width`` nearest over every share: by distance, then global position."""
+    d, i = np.concatenate(dist, axis=1), np.concatenate(ids, axis=1)
+    order = np.lexsort((i, d), axis=1)[:, :width]  # last key first: distance, then index
+    return np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+
+
+def sharded_val_metrics(train_local, val_local, *, k: int = 13, unknown_fmr: float | None = None):
+    """The validator's val/ metrics with the train references left on the ranks that embedded them.
+
+    Same numbers as :func:`evaluate_embeddings` on the assembled splits (and, with
+    ``unknown_fmr``, :func:`calibrated_unknown`), without sending the train embeddings anywhere:
+
+    1. every rank receives every train key and label (not the embeddings), so every rank knows
+       each sample's position in the key-sorted train split and the class sizes R;
+    2. the val queries are all-gathered (every rank holds all of them);
+    3. each rank searches its own references: each query's k nearest (exact, float64, as
+       :func:`toolkit.knn.knn_neighbors` finds them), its ranking depth max(max k, min(R_CAP,
+       max R)) as :func:`toolkit.search.nearest` ranks them, and (``unknown_fmr``) its nearest
+       same- and other-class distances;
+    4. only those candidates travel to rank 0, which merges them by (distance, position) and
+       scores kNN accuracy, the ranking metrics and the "unknown" distance.
+
+    Per rank: N / W references and Q queries, Q × (k + depth) candidates out; rank 0 receives
+    W × Q × (k + depth). Returns ``(metrics, unknown, counts)`` on rank 0 (``unknown`` None
+    without ``unknown_fmr``; ``counts``: samples seen per split), ``None`` elsewhere. Every
+    rank must call it (it holds collectives).
+    """
+    from toolkit.knn import _vote
+    from toolkit.retrieval import _same_class_counts, calibrate_from_distances, query_gallery, ranking_depth
+
+    keys_t, emb_t, lab_t = _sorted_share(train_local)
+    # keys, labels and the float64 sum of the embeddings (the searches' centre: the mean of all)
+    shares = distributed.all_gather_object((keys_t, lab_t, emb_t.double().sum(0).numpy()))
+    centre = sum(s for _, _, s in shares) / max(1, sum(len(ks) for ks, _, _ in shares))
+    all_keys = np.asarray([key for ks, _, _ in shares for key in ks], dtype=object)
+    all_labels = torch.cat([lab for _, lab, _ in shares]).numpy() if len(all_keys) else np.zeros(0, dtype=np.int64)
+    if len(set(all_keys.tolist())) != len(all_keys):
+        raise RuntimeError(f"validation saw {len(all_keys) - len(set(all_keys.tolist()))} duplicate samples")
+    order = np.argsort(all_keys)
+    position = np.empty(len(all_keys), dtype=np.int64)
+    position[order] = np.arange(len(all_keys))  # concatenated index -> position in key order
+    rank, _ = distributed.world()
+    start = sum(len(ks) for ks, _, _ in shares[:rank])
+    my_position = position[start : start + len(keys_t)]  # this rank's rows -> global positions
+    train_labels = all_labels[order]  # (N,) in key order
+
+    val_parts = distributed.all_gather_object(val_local)
+    val_keys = [key for p in val_parts for key in p[0]]
+    val_emb = torch.cat([p[1] for p in val_parts]) if val_keys else torch.zeros(0, emb_t.shape[1])
+    val_lab = torch.cat([p[2] for p in val_parts]) if val_keys else torch.zeros(0, dtype=torch.long)
+    vorder = torch.from_numpy(np.argsort(np.asarray(val_keys, dtype=object)).astype(np.int64))
+    val_emb, val_lab = val_emb[vorder], val_lab[vorder]
+    ql = val_lab.numpy()
+    depth = ranking_depth(_same_class_counts(ql, train_labels))
+
+    found = _share_candidates(emb_t, val_emb, k=k, depth=depth, unknown=unknown_fmr is not None,
+                              query_labels=ql, train_labels=lab_t.numpy(), centre=centre)
+    for name in ("knn_i", "rank_i"):
+        found[name] = my_position[found[name]] if found[name].size else found[name]
+    parts = distributed.gather_object_to_main(found)
+    if parts is None:
+        return None
+    if not len(train_labels):
+        raise DataError("validation: the train split gave no embeddings")
+    knn_d, knn_i = _merge_nearest([p["knn_d"] for p in parts], [p["knn_i"] for p in parts], min(k, len(train_labels)))
+    pred, _ = _vote(torch.from_numpy(train_labels[knn_i]), int(train_labels.max()) + 1)
+    metrics = {"knn_accuracy": float((pred.numpy() == ql).mean()) if len(ql) else math.nan}
+    rank_d, rank_i = _merge_nearest([p["rank_d"] for p in parts], [p["rank_i"] for p in parts], min(depth, len(train_labels)))
+    ranking = query_gallery(val_emb, ql, None, train_labels, verification=False, neighbours=(rank_d, rank_i)).metrics
+    metrics.update({name: v for name, v in ranking.items() if not name.startswith("num_")})
+    counts = {"train": len(train_labels), "val": len(ql)}
+    unknown = None
+    if unknown_fmr is not None:
+        if len(np.unique(train_labels)) < 2:
+            raise DataError(f"unknown threshold: the reference needs at least 2 classes, got {len(np.unique(train_labels))}")
+        d_own = np.min(np.stack([p["own"] for p in parts]), axis=0)
+        d_other = np.min(np.stack([p["other"] for p in parts]), axis=0)
+        unknown = {**calibrate_from_distances(d_own, d_other, fmr=unknown_fmr), "calibrated_on": "val queries vs train references"}
+    return metrics, unknown, counts

@@ -242,9 +242,27 @@ def _pair_metrics(q, ql, g, gl, qig, fmrs, limit: int, n_gen: int) -> tuple[dict
 # ----------------------------------------------------------------------------- query vs gallery
 
 
+def _same_class_counts(query_labels: np.ndarray, gallery_labels: np.ndarray) -> np.ndarray:
+    """(Q,) int64: how many gallery items share each query's label."""
+    classes, counts = np.unique(gallery_labels, return_counts=True)
+    if not len(classes):
+        return np.zeros(len(query_labels), dtype=np.int64)
+    pos = np.minimum(np.searchsorted(classes, query_labels), len(classes) - 1)
+    return np.where(classes[pos] == query_labels, counts[pos], 0).astype(np.int64)
+
+
+def ranking_depth(r: np.ndarray, ks=KS, r_cap: int = R_CAP) -> int:
+    """Neighbours per query the ranking metrics need: max(max k, min(r_cap, max R)).
+
+    ``r``: (Q,) each query's number of same-class gallery items (R).
+    """
+    max_r = int(np.max(r)) if len(r) else 0
+    return max(max(int(k) for k in ks), min(int(r_cap), max_r))
+
+
 def query_gallery(query_emb, query_labels, gallery_emb, gallery_labels, *, query_in_gallery=None,
                   ks=KS, fmrs=FMRS, r_cap: int = R_CAP, kmax_extra: int = 0, verification: bool = True,
-                  exact_pair_limit: int | None = None) -> RetrievalResult:
+                  exact_pair_limit: int | None = None, neighbours=None) -> RetrievalResult:
     """Ranking and verification metrics of queries (Q, D) against a gallery (G, D), Euclidean.
 
     Args:
@@ -261,6 +279,11 @@ def query_gallery(query_emb, query_labels, gallery_emb, gallery_labels, *, query
         verification: False skips the pair metrics (their keys are then absent).
         exact_pair_limit: pairs up to which the pair metrics are exact (default
             ``EXACT_PAIR_LIMIT``).
+        neighbours: optional ``(d2, ids)`` (Q, >= ranking_depth(...)) squared distances and
+            gallery positions of each query's nearest gallery items, ascending, as
+            :func:`toolkit.search.nearest` returns them (e.g. merged from gallery shards held
+            by several ranks); the search is then skipped, and ``gallery_emb`` may be None
+            when ``verification`` is False. No query may be in the gallery then.
 
     Ranking: one exact faiss search (:func:`toolkit.search.nearest`) of the
     kmax = max(max(ks), min(r_cap, max R)) + kmax_extra nearest (one more when a query is
@@ -293,13 +316,22 @@ def query_gallery(query_emb, query_labels, gallery_emb, gallery_labels, *, query
     limit = EXACT_PAIR_LIMIT if exact_pair_limit is None else int(exact_pair_limit)
 
     q = _emb(query_emb, "query embeddings")
-    g = _emb(gallery_emb, "gallery embeddings")
-    _check_dims(q, g, "queries and gallery")
-    nq, ng = len(q), len(g)
-    if not (np.isfinite(q).all() and np.isfinite(g).all()):
+    if gallery_emb is None:
+        if neighbours is None or verification:
+            raise ValueError("retrieval: gallery embeddings are needed without neighbours or with verification")
+        ng = len(gallery_labels)
+        g = None
+    else:
+        g = _emb(gallery_emb, "gallery embeddings")
+        _check_dims(q, g, "queries and gallery")
+        ng = len(g)
+    nq = len(q)
+    if not (np.isfinite(q).all() and (g is None or np.isfinite(g).all())):
         raise ValueError("retrieval: the embeddings hold nan or inf")
     ql = _labels(query_labels, nq, "query")
     gl = _labels(gallery_labels, ng, "gallery")
+    if neighbours is not None and query_in_gallery is not None:
+        raise ValueError("retrieval: precomputed neighbours cannot leave queries out of the gallery")
     if query_in_gallery is None:
         qig = np.full(nq, -1, dtype=np.int64)
     else:
@@ -314,17 +346,9 @@ def query_gallery(query_emb, query_labels, gallery_emb, gallery_labels, *, query
         if (gl[qig[inside]] != ql[inside]).any():
             raise ValueError("retrieval: query_in_gallery points at gallery items of another label")
 
-    # R: the query's same-class gallery items, itself left out
-    classes, counts = np.unique(gl, return_counts=True)
-    if ng:
-        pos = np.minimum(np.searchsorted(classes, ql), len(classes) - 1)
-        same = np.where(classes[pos] == ql, counts[pos], 0)
-    else:
-        same = np.zeros(nq, dtype=np.int64)
-    r = (same - (qig >= 0)).astype(np.int64)
+    r = _same_class_counts(ql, gl) - (qig >= 0)  # R: the query's same-class gallery items, itself left out
     has_match = r > 0
-    max_r = int(r.max()) if nq else 0
-    kmax = max(max(ks), min(r_cap, max_r)) + kmax_extra
+    kmax = ranking_depth(r, ks, r_cap) + kmax_extra
 
     metrics: dict = _nan_metrics(ks, fmrs, verification)
     counts_m = {"num_queries": nq, "num_gallery": ng, "queries_without_match": int((~has_match).sum()),
@@ -341,7 +365,12 @@ def query_gallery(query_emb, query_labels, gallery_emb, gallery_labels, *, query
     # ---- ranking
     any_self = bool((qig >= 0).any())
     k_search = min(ng, kmax + any_self)
-    d2, ids = search.nearest(g, q, k_search)
+    if neighbours is None:
+        d2, ids = search.nearest(g, q, k_search)
+    else:
+        d2, ids = (np.asarray(a)[:, :k_search] for a in neighbours)
+        if d2.shape != (nq, k_search) or ids.shape != (nq, k_search):
+            raise ValueError(f"retrieval: neighbours must be ({nq}, >= {k_search}), got {d2.shape} and {ids.shape}")
     if any_self:
         drop = ids == qig[:, None]
         missing = ~drop.any(1)
@@ -401,11 +430,18 @@ def _largest_below(u: float, *observed: np.ndarray) -> float:
     return best if best > -math.inf else float(np.nextafter(u, -np.inf))
 
 
-def _nearest_own_and_other(ref: np.ndarray, ref_y: np.ndarray, val: np.ndarray, val_y: np.ndarray, first_k: int = 32):
+def nearest_own_and_other(ref: np.ndarray, ref_y: np.ndarray, val: np.ndarray, val_y: np.ndarray, first_k: int = 32,
+                          centre=None):
     """(d_own, d_other) (n,) Euclidean: each val row's nearest reference of its class (inf if
     the class has none) and of another class. One search of ``first_k``; the rows it leaves
-    open are searched again (another class: within own-class count + 1; own class: its own index)."""
+    open are searched again (another class: within own-class count + 1; own class: its own
+    index). ``centre``: the searches' centre (:func:`toolkit.search.nearest`; default the
+    mean of ``ref``), the whole reference's mean when ``ref`` is one rank's share of it."""
+    if centre is None and len(ref):
+        centre = np.asarray(ref, dtype=np.float64).mean(axis=0)
     n = len(ref)
+    if n == 0:
+        return np.full(len(val), np.inf), np.full(len(val), np.inf)
     classes, counts = np.unique(ref_y, return_counts=True)
     pos = np.minimum(np.searchsorted(classes, val_y), len(classes) - 1)
     own_count = np.where(classes[pos] == val_y, counts[pos], 0)
@@ -425,19 +461,19 @@ def _nearest_own_and_other(ref: np.ndarray, ref_y: np.ndarray, val: np.ndarray, 
 
     rows = np.arange(len(val))
     k = min(n, first_k)
-    d2, ids = search.nearest(ref, val, k)
+    d2, ids = search.nearest(ref, val, k, centre=centre)
     first_hits(rows, d2, ids)
     if k < n:
         # another class: at most own_count references come before it
         open_other = np.flatnonzero(~np.isfinite(d_other))
         if len(open_other):
             k2 = min(n, int(own_count[open_other].max()) + 1)
-            d2, ids = search.nearest(ref, val[open_other], k2)
+            d2, ids = search.nearest(ref, val[open_other], k2, centre=centre)
             first_hits(open_other, d2, ids)
         open_own = np.flatnonzero(~np.isfinite(d_own) & (own_count > 0))
         for c in np.unique(val_y[open_own]):
             rows_c = open_own[val_y[open_own] == c]
-            d2, _ = search.nearest(ref[ref_y == c], val[rows_c], 1)
+            d2, _ = search.nearest(ref[ref_y == c], val[rows_c], 1, centre=centre)
             d_own[rows_c] = np.sqrt(np.maximum(d2[:, 0], 0.0))
     return d_own, d_other
 
@@ -470,12 +506,26 @@ def calibrate_unknown(ref_emb, ref_labels, val_emb, val_labels, *, fmr: float = 
         raise DataError(f"unknown threshold: the reference needs at least 2 classes, got {len(np.unique(ref_y))}")
     if len(val) == 0:
         raise DataError("unknown threshold: no validation queries to calibrate on")
-    d_own, d_other = _nearest_own_and_other(ref, ref_y, val, val_y)
+    return calibrate_from_distances(*nearest_own_and_other(ref, ref_y, val, val_y), fmr=fmr)
+
+
+def calibrate_from_distances(d_own: np.ndarray, d_other: np.ndarray, *, fmr: float = 0.01) -> dict:
+    """:func:`calibrate_unknown` from each val query's (d_own, d_other) distances, (n,) each.
+
+    Those are minima over the references, so references split between ranks give them as
+    the elementwise minimum of each share's :func:`nearest_own_and_other`.
+    """
+    fmr = float(fmr)
+    if not 0.0 < fmr < 1.0:
+        raise ValueError(f"unknown threshold: fmr must be in (0, 1), got {fmr}")
+    d_own, d_other = np.asarray(d_own, dtype=np.float64), np.asarray(d_other, dtype=np.float64)
+    if len(d_other) == 0:
+        raise DataError("unknown threshold: no validation queries to calibrate on")
     s = np.sort(d_other)
     u = float(s[_allowed_impostors(fmr, len(s))])  # the first d_other that must be rejected
     t = _largest_below(u, d_other, d_own)
     nearest = np.minimum(d_own, d_other)
-    return {"distance": float(t), "fmr": fmr, "num_queries": int(len(val)),
+    return {"distance": float(t), "fmr": fmr, "num_queries": int(len(d_other)),
             "known_accept_rate": float((nearest <= t).mean()),
             "unknown_accept_rate": float((d_other <= t).mean())}
 

@@ -127,19 +127,31 @@ def search(index, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
     return dist, ids.astype(np.int64, copy=False)
 
 
-def nearest(reference, queries, k: int, spec: IndexSpec | None = None, *, device=None) -> tuple[np.ndarray, np.ndarray]:
+def search_centre(mean) -> np.ndarray:
+    """The point :func:`nearest` moves both sides by: ``mean`` (float64) on a 2⁻²⁰ grid.
+
+    On the grid, the same centre comes out of any summation order (a mean summed on one
+    machine, or from ranks' partial sums), so searches of reference shards give the float32
+    distances a search of the whole reference gives.
+    """
+    return np.round(np.asarray(mean, dtype=np.float64) * 2.0**20) / 2.0**20
+
+
+def nearest(reference, queries, k: int, spec: IndexSpec | None = None, *, device=None,
+            centre=None) -> tuple[np.ndarray, np.ndarray]:
     """One-off search of ``queries`` among ``reference`` (exact by default): see :func:`search`.
 
-    Both sides are first moved by the reference's mean (computed in float64): distances do
-    not change, but float32 keeps their digits when every embedding sits in one tight cluster
-    (early in training, unit rows within ~1e-4 of each other: ``||q||² + ||t||² − 2q·t``
-    on the raw rows would cancel to round-off and rank at random).
+    Both sides are first moved by the reference's mean (computed in float64; ``centre``:
+    another point, e.g. the mean of a reference split between ranks, see
+    :func:`search_centre`): distances do not change, but float32 keeps their digits when every
+    embedding sits in one tight cluster (early in training, unit rows within ~1e-4 of each
+    other: ``||q||² + ||t||² − 2q·t`` on the raw rows would cancel to round-off and rank at random).
     """
     ref = np.asarray(reference.detach().double().cpu() if hasattr(reference, "detach") else reference, dtype=np.float64)
     qry = np.asarray(queries.detach().double().cpu() if hasattr(queries, "detach") else queries, dtype=np.float64)
     if ref.ndim == 2 and len(ref):
-        centre = ref.mean(axis=0, keepdims=True)
-        ref, qry = ref - centre, qry - centre
+        c = search_centre(ref.mean(axis=0) if centre is None else centre).reshape(1, -1)
+        ref, qry = ref - c, qry - c
     return search(build_index(ref, spec, device=device), qry, k)
 
 

@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, str] = {
     "mining": "toolkit.bench.mining",  # semi-hard mining: toolkit vs pytorch-metric-learning
     "knn": "toolkit.bench.knn",  # validation kNN(13): faiss-screened, raw faiss, torch and scikit-learn side by side
     "scaling": "toolkit.bench.scaling",  # one vs two gloo processes: ms per step phase, images/s
+    "validate": "toolkit.bench.validate",  # validation gathered on rank 0 vs sharded: wall time, busiest rank's memory
     "openset": "toolkit.bench.openset",  # unseen classes: raw pixels vs a 5-minute embedder, retrieval metrics
     "accuracy": "toolkit.bench.accuracy",  # recipes on the hard character set: raw pixels, seed, fast.yaml before/after
     "fonts": "toolkit.bench.fonts",  # the hard set's ~150 fonts: list what is usable, --install them (apt-get)

@@ -51,11 +51,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(processes: int, worker_args: list[str], out: Path, *, threads: int, timeout: float) -> dict:
-    """Run the worker with ``processes`` processes; return rank 0's JSON."""
+def launch(processes: int, worker_args: list[str], out: Path, *, threads: int, timeout: float,
+           worker: Path = WORKER, what: str = "scaling") -> dict:
+    """Run ``worker`` with ``processes`` processes (one plain process, or gloo ranks started as
+    the README starts them); return the JSON rank 0 writes to ``out``."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
     if processes == 1:
-        cmd = [sys.executable, str(WORKER)]
+        cmd = [sys.executable, str(worker)]
     else:
         accelerate = Path(sys.executable).with_name("accelerate")
         env["ACCELERATE_USE_CPU"] = "1"
@@ -63,7 +65,7 @@ def launch(processes: int, worker_args: list[str], out: Path, *, threads: int, t
             str(accelerate) if accelerate.exists() else "accelerate", "launch", "--multi_gpu",
             "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
             "--dynamo_backend", "no", "--num_cpu_threads_per_process", str(threads),
-            "--main_process_port", str(_free_port()), str(WORKER),
+            "--main_process_port", str(_free_port()), str(worker),
         ]
     cmd += [*worker_args, "--threads", str(threads), "--out", str(out)]
     if out.exists():
@@ -76,14 +78,14 @@ def launch(processes: int, worker_args: list[str], out: Path, *, threads: int, t
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its ranks share this session
             proc.wait()
-            raise RuntimeError(f"toolkit bench scaling: {processes} process(es) ran over {timeout:.0f} s") from None
+            raise RuntimeError(f"toolkit bench {what}: {processes} process(es) ran over {timeout:.0f} s") from None
     if rc != 0 or not out.is_file():
         lines = log.read_text(errors="replace").splitlines()
         # the rank's own error (a traceback's last line, a C++ terminate) comes before the
         # launcher's summary, which would otherwise fill the tail
         errors = [ln for ln in lines if any(w in ln for w in ("Error", "terminate called", "what():"))]
         tail = "\n".join([*errors[-5:], *lines[-15:]])
-        raise RuntimeError(f"toolkit bench scaling: {processes} process(es) failed (exit {rc}):\n{tail}")
+        raise RuntimeError(f"toolkit bench {what}: {processes} process(es) failed (exit {rc}):\n{tail}")
     return json.loads(out.read_text())
 
 

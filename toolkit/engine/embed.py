@@ -29,9 +29,7 @@ from toolkit.data.shards import ShardInfo, read_info
 from toolkit.distributed import all_gather_object, any_rank, buffers_from_main, float_from_main, from_main
 from toolkit.data.stream import ShardStream, make_loader
 from toolkit.data.transforms import random_affine, to_model_input
-from toolkit.evaluation import (
-    calibrated_unknown, embed_split, evaluate_embeddings, gather_to_main, split_retrieval, split_roles, warn_missing,
-)
+from toolkit.evaluation import embed_split, gather_to_main, sharded_val_metrics, split_retrieval, split_roles, warn_missing
 from toolkit.losses import distributed_triplet_loss
 from toolkit.models import build_embedder
 from toolkit.progress import progress
@@ -261,40 +259,53 @@ def best_value(state: TrainState, select_by: str) -> float:
 
 
 def validate(model, state: TrainState, *, cfg: EmbedConfig, info: ShardInfo, accelerator, tracker) -> dict:
-    """Every rank embeds its share of train, val (and test); rank 0 scores, keeps the best embedder, logs.
+    """Every rank embeds its share of train, val (and test); the scoring is sharded; rank 0 keeps the best, logs.
 
-    val/: kNN accuracy and ranking metrics of the val queries against the train split. test/
-    (when the shards hold a split of held-out classes): open-set retrieval inside it, query
-    vs gallery. The best embedder (by ``select_by``, val MAP@R breaking ties) is saved with
-    the train embeddings as its kNN index and the "unknown" distance calibrated on val.
-    Returns the metrics on rank 0 (``{}`` elsewhere); ``state.best`` moves when it improves.
+    val/: kNN accuracy and ranking metrics of the val queries against the train split, from
+    :func:`~toolkit.evaluation.sharded_val_metrics` (each rank searches the train references
+    it embedded; rank 0 merges the candidates). test/ (when the shards hold a split of
+    held-out classes): open-set retrieval inside it, query vs gallery, on rank 0. The best
+    embedder (by ``select_by``, val MAP@R breaking ties) is saved with the "unknown" distance
+    calibrated on val and, with ``save_index`` (the default), the train embeddings as its kNN
+    index: the one time they are gathered on rank 0. Returns the metrics on rank 0 (``{}``
+    elsewhere); ``state.best`` moves when it improves.
     """
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     buffers_from_main(model)  # every share embedded by the model rank 0 saves (its BatchNorm statistics)
-    parts = {}
+    local = {}
     for split in ("train", "val", "test") if "test" in info.splits else ("train", "val"):
-        local = embed_split(
+        local[split] = embed_split(
             model, shards=cfg.shards, split=split, rank=rank, world_size=world, device=accelerator.device,
             input_size=cfg.input_size, batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers,
             autocast=accelerator.autocast, channels_last=cfg.channels_last,
         )
-        parts[split] = gather_to_main(*local)  # rank 0: (keys, (N, D), (N,)); others: None
-        if main:
-            warn_missing(parts[split], expected=info.splits[split].num_samples, split=split, print_fn=accelerator.print)
+    # val against train, sharded: the train embeddings stay on their ranks, candidates travel
+    scored = sharded_val_metrics(local["train"], local["val"], k=cfg.knn_k, unknown_fmr=cfg.unknown_fmr)
+    # the held-out test split (open-set retrieval inside it, pair metrics) is scored on rank 0
+    test = gather_to_main(*local["test"]) if "test" in local else None
     metrics: dict = {}
+    improved = False
     if main:
-        metrics = {f"val/{k}": v for k, v in evaluate_embeddings(parts["train"], parts["val"], k=cfg.knn_k).items()}
-        if "test" in parts and len(parts["test"][0]):
-            keys, emb, labels = parts["test"]
-            found = split_retrieval(emb, labels, *split_roles(info, "test", keys)).metrics
-            metrics.update({f"test/{k}": v for k, v in found.items()})
+        found, unknown, counts = scored
+        for split, n in counts.items():
+            warn_missing([range(n)], expected=info.splits[split].num_samples, split=split, print_fn=accelerator.print)
+        metrics = {f"val/{k}": v for k, v in found.items()}
+        if test is not None:
+            warn_missing(test, expected=info.splits["test"].num_samples, split="test", print_fn=accelerator.print)
+            if len(test[0]):
+                keys, emb, labels = test
+                metrics.update({f"test/{k}": v for k, v in split_retrieval(emb, labels, *split_roles(info, "test", keys)).metrics.items()})
         metrics["epoch"] = state.epoch
         score = selection_score(metrics, cfg.select_by)
         improved = (score, metrics["val/map_at_r"]) > (state.best, state.best_map)
         if improved:
             state.best, state.best_map, state.best_knn = score, metrics["val/map_at_r"], metrics["val/knn_accuracy"]
-            index = (parts["train"][1], parts["train"][2])
-            unknown = calibrated_unknown(parts["train"], parts["val"], fmr=cfg.unknown_fmr)
+    # the saved kNN index is the one place the whole train split meets on rank 0 (save_index)
+    improved = bool(from_main(improved, accelerator.device))
+    train = gather_to_main(*local["train"]) if improved and cfg.save_index else None
+    if main:
+        if improved:
+            index = None if train is None else (train[1], train[2])
             saved = EmbedderArtifact.from_model(model, config=asdict(cfg), classes=info.classes, metrics=metrics,
                                                 step=state.step, index=index, unknown=unknown)
             atomic_torch_save(saved.to_payload(), Path(cfg.run_dir) / EMBEDDER_FILE)
@@ -346,6 +357,12 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
     # The loader is NOT prepared: it is split by rank already (see toolkit.data.stream.make_loader).
     model, optimizer = accelerator.prepare(model, optimizer)
     bare = accelerator.unwrap_model(model)
+    if cfg.compile:
+        # Compiled last, on the DDP-wrapped model, as Accelerate's dynamo_backend does (DDP's
+        # bucketed all-reduce then overlaps the compiled backward). Not through dynamo_backend:
+        # its unwrap_model keeps the compiled wrapper ("_orig_mod." weight names in checkpoints)
+        # and it would compile whatever the Accelerator prepares. `bare` stays eager (validation).
+        model = torch.compile(model)
 
     # --- resume, or refuse to start over an earlier run -------------------------------------
     ckpts = CheckpointManager(run_dir / CHECKPOINTS_DIR, keep_last=cfg.keep_last)

@@ -1,0 +1,60 @@
+"""Validation sharded across ranks gives the numbers of validation on rank 0.
+
+``sharded_val_metrics`` keeps the train references where they were embedded and sends only
+each query's candidates to rank 0; the val metrics (kNN accuracy, ranking metrics) and the
+"unknown" distance must be the same numbers as assembling everything on rank 0.
+"""
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import launch_two_cpu
+
+SCRIPT = Path(__file__).parent / "dist_scripts" / "sharded_val.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("sharded_val", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        both_nan = isinstance(a[name], float) and math.isnan(a[name]) and math.isnan(b[name])
+        assert both_nan or a[name] == b[name], (name, a[name], b[name])
+
+
+def test_one_process_sharded_validation_equals_the_assembled_one():
+    from toolkit.evaluation import calibrated_unknown, evaluate_embeddings, sharded_val_metrics
+
+    train, val = _script().data()
+    metrics, unknown, counts = sharded_val_metrics(train, val, k=13, unknown_fmr=0.05)
+    assert counts == {"train": 157, "val": 41}
+    order = lambda part: _script().share(part, 0, 1)  # noqa: E731  (one rank holds everything)
+    from toolkit.evaluation import _sorted_share
+
+    ref = evaluate_embeddings(_sorted_share(order(train)), _sorted_share(order(val)), k=13)
+    _same(metrics, ref)
+    _same(unknown, calibrated_unknown(_sorted_share(train), _sorted_share(val), fmr=0.05))
+    assert 0.3 < metrics["knn_accuracy"] < 1.0 and metrics["map_at_r"] > 0.1  # a data set with errors to get right
+
+
+@pytest.mark.slow
+def test_two_processes_sharded_validation_gives_the_same_numbers_as_rank_zero(tmp_path):
+    out = tmp_path / "result.pt"
+    r = launch_two_cpu(SCRIPT, out, timeout=120, what="sharded validation")
+    assert r.returncode == 0, r.stdout[-3000:]
+    result = torch.load(out)
+    assert result["world"] == 2 and result["share_sizes"][0] > 1.5 * result["share_sizes"][1]
+    metrics, unknown, counts = result["sharded"]
+    assert counts == {"train": 157, "val": 41}
+    reference, ref_unknown = result["reference"]
+    _same(metrics, reference)
+    _same(unknown, ref_unknown)
+    assert 0.3 < metrics["knn_accuracy"] < 1.0
