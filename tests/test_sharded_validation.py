@@ -58,3 +58,17 @@ def test_two_processes_sharded_validation_gives_the_same_numbers_as_rank_zero(tm
     _same(metrics, reference)
     _same(unknown, ref_unknown)
     assert 0.3 < metrics["knn_accuracy"] < 1.0
+
+
+def test_queries_in_many_blocks_give_the_same_metrics(monkeypatch):
+    """Rank 0 merges the candidates a block of queries at a time (bounded memory); the rates
+    are then combined over blocks: the same numbers to float rounding, the same kNN answers."""
+    import toolkit.evaluation as evaluation
+
+    train, val = _script().data()
+    whole, unknown, _ = evaluation.sharded_val_metrics(train, val, k=13, unknown_fmr=0.05)
+    monkeypatch.setattr(evaluation, "CANDIDATES", 7 * (13 + 40))  # blocks of a few queries
+    blocked, unknown_b, _ = evaluation.sharded_val_metrics(train, val, k=13, unknown_fmr=0.05)
+    assert blocked["knn_accuracy"] == whole["knn_accuracy"] and unknown_b == unknown
+    for name, value in whole.items():
+        assert blocked[name] == pytest.approx(value, rel=1e-12, abs=1e-12), name

@@ -361,6 +361,10 @@ def calibrated_unknown(train, val, *, fmr: float) -> dict:
 # ----------------------------------------------------------------------------- sharded validation
 
 
+# Merged candidates rank 0 holds at once (queries per block x W x (k + depth)): ~50 MB.
+CANDIDATES = 1 << 22
+
+
 def _sorted_share(part):
     """A rank's (keys, emb, labels), sorted by key (the order :func:`gather_to_main` assembles)."""
     keys, emb, labels = part
@@ -454,27 +458,55 @@ def sharded_val_metrics(train_local, val_local, *, k: int = 13, unknown_fmr: flo
     ql = val_lab.numpy()
     depth = ranking_depth(_same_class_counts(ql, train_labels))
 
-    found = _share_candidates(emb_t, val_emb, k=k, depth=depth, unknown=unknown_fmr is not None,
-                              query_labels=ql, train_labels=lab_t.numpy(), centre=centre)
-    for name in ("knn_i", "rank_i"):
-        found[name] = my_position[found[name]] if found[name].size else found[name]
-    parts = distributed.gather_object_to_main(found)
-    if parts is None:
-        return None
     if not len(train_labels):
         raise DataError("validation: the train split gave no embeddings")
-    knn_d, knn_i = _merge_nearest([p["knn_d"] for p in parts], [p["knn_i"] for p in parts], min(k, len(train_labels)))
-    pred, _ = _vote(torch.from_numpy(train_labels[knn_i]), int(train_labels.max()) + 1)
-    metrics = {"knn_accuracy": float((pred.numpy() == ql).mean()) if len(ql) else math.nan}
-    rank_d, rank_i = _merge_nearest([p["rank_d"] for p in parts], [p["rank_i"] for p in parts], min(depth, len(train_labels)))
-    ranking = query_gallery(val_emb, ql, None, train_labels, verification=False, neighbours=(rank_d, rank_i)).metrics
-    metrics.update({name: v for name, v in ranking.items() if not name.startswith("num_")})
+    if unknown_fmr is not None and len(np.unique(train_labels)) < 2:
+        raise DataError(f"unknown threshold: the reference needs at least 2 classes, got {len(np.unique(train_labels))}")
+    # queries in blocks, so rank 0 holds at most CANDIDATES merged candidates at a time
+    block = max(1, CANDIDATES // (len(shares) * (k + depth)))
+    knn_w, rank_w = min(k, len(train_labels)), min(depth, len(train_labels))
+    correct, sums, weights, counts_m, own, other = 0, {}, {}, {}, [], []
+    for s in range(0, len(ql), block):
+        rows = slice(s, s + block)
+        found = _share_candidates(emb_t, val_emb[rows], k=k, depth=depth, unknown=unknown_fmr is not None,
+                                  query_labels=ql[rows], train_labels=lab_t.numpy(), centre=centre)
+        for name in ("knn_i", "rank_i"):
+            found[name] = my_position[found[name]] if found[name].size else found[name]
+        parts = distributed.gather_object_to_main(found)
+        if parts is None:
+            continue
+        _, knn_i = _merge_nearest([p["knn_d"] for p in parts], [p["knn_i"] for p in parts], knn_w)
+        pred, _ = _vote(torch.from_numpy(train_labels[knn_i]), int(train_labels.max()) + 1)
+        correct += int((pred.numpy() == ql[rows]).sum())
+        rank_d, rank_i = _merge_nearest([p["rank_d"] for p in parts], [p["rank_i"] for p in parts], rank_w)
+        result = query_gallery(val_emb[rows], ql[rows], None, train_labels, verification=False, neighbours=(rank_d, rank_i))
+        matched = int(result.has_match.sum())  # the rates are means over the queries with a match
+        for name, v in result.metrics.items():
+            if name.startswith("num_"):
+                continue
+            if name in ("queries_without_match", "queries_over_r_cap"):
+                counts_m[name] = counts_m.get(name, 0) + int(v)
+            elif matched:
+                sums[name] = sums.get(name, 0.0) + v * matched
+                weights[name] = weights.get(name, 0) + matched
+        if unknown_fmr is not None:
+            own.append(np.min(np.stack([p["own"] for p in parts]), axis=0))
+            other.append(np.min(np.stack([p["other"] for p in parts]), axis=0))
+    if not distributed.world()[0] == 0:
+        return None
+    metrics = {"knn_accuracy": correct / len(ql) if len(ql) else math.nan}
+    names = [n for n in query_gallery(np.zeros((0, emb_t.shape[1])), [], None, [], verification=False,
+                                      neighbours=(np.zeros((0, 0)), np.zeros((0, 0), dtype=np.int64))).metrics
+             if not n.startswith("num_")]
+    for name in names:
+        if name in ("queries_without_match", "queries_over_r_cap"):
+            metrics[name] = counts_m.get(name, 0)
+        else:
+            metrics[name] = sums[name] / weights[name] if weights.get(name) else math.nan
     counts = {"train": len(train_labels), "val": len(ql)}
     unknown = None
     if unknown_fmr is not None:
-        if len(np.unique(train_labels)) < 2:
-            raise DataError(f"unknown threshold: the reference needs at least 2 classes, got {len(np.unique(train_labels))}")
-        d_own = np.min(np.stack([p["own"] for p in parts]), axis=0)
-        d_other = np.min(np.stack([p["other"] for p in parts]), axis=0)
+        d_own = np.concatenate(own) if own else np.zeros(0)
+        d_other = np.concatenate(other) if other else np.zeros(0)
         unknown = {**calibrate_from_distances(d_own, d_other, fmr=unknown_fmr), "calibrated_on": "val queries vs train references"}
     return metrics, unknown, counts
