@@ -147,12 +147,24 @@ def nearest(reference, queries, k: int, spec: IndexSpec | None = None, *, device
     embedding sits in one tight cluster (early in training, unit rows within ~1e-4 of each
     other: ``||q||² + ||t||² − 2q·t`` on the raw rows would cancel to round-off and rank at random).
     """
-    ref = np.asarray(reference.detach().double().cpu() if hasattr(reference, "detach") else reference, dtype=np.float64)
-    qry = np.asarray(queries.detach().double().cpu() if hasattr(queries, "detach") else queries, dtype=np.float64)
+    ref, qry = _as_array(reference), _as_array(queries)
     if ref.ndim == 2 and len(ref):
-        c = search_centre(ref.mean(axis=0) if centre is None else centre).reshape(1, -1)
-        ref, qry = ref - c, qry - c
+        c = search_centre(ref.mean(axis=0, dtype=np.float64) if centre is None else centre).reshape(1, -1)
+        ref, qry = _centred(ref, c), _centred(qry, c)
     return search(build_index(ref, spec, device=device), qry, k)
+
+
+def _as_array(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
+def _centred(x: np.ndarray, c: np.ndarray, rows: int = 1 << 15) -> np.ndarray:
+    """float32 ``x - c``, the difference taken in float64 a block of rows at a time (no
+    float64 copy of the whole of ``x``: a search of N rows then costs 8·N·D bytes, not 24)."""
+    out = np.empty(x.shape, dtype=np.float32)
+    for s in range(0, len(x), rows):
+        out[s : s + rows] = x[s : s + rows].astype(np.float64) - c
+    return out
 
 
 def serialize(index) -> bytes:
