@@ -58,6 +58,10 @@ def test_two_processes_sharded_validation_gives_the_same_numbers_as_rank_zero(tm
     _same(metrics, reference)
     _same(unknown, ref_unknown)
     assert 0.3 < metrics["knn_accuracy"] < 1.0
+    # one rank holding every reference, the other none: still the same numbers
+    lopsided, lopsided_unknown, _ = result["lopsided"]
+    _same(lopsided, reference)
+    _same(lopsided_unknown, ref_unknown)
 
 
 def test_queries_in_many_blocks_give_the_same_metrics(monkeypatch):

@@ -435,10 +435,12 @@ def sharded_val_metrics(train_local, val_local, *, k: int = 13, unknown_fmr: flo
 
     keys_t, emb_t, lab_t = _sorted_share(train_local)
     # keys, labels and the float64 sum of the embeddings (the searches' centre: the mean of all)
-    shares = distributed.all_gather_object((keys_t, lab_t, emb_t.double().sum(0).numpy()))
-    centre = sum(s for _, _, s in shares) / max(1, sum(len(ks) for ks, _, _ in shares))
+    # (a rank that read no train sample sends no sum: its empty share may have no width)
+    shares = distributed.all_gather_object((keys_t, lab_t, emb_t.double().sum(0).numpy() if len(keys_t) else None))
+    sums = [s for _, _, s in shares if s is not None]
+    centre = sum(sums) / max(1, sum(len(ks) for ks, _, _ in shares)) if sums else None
     all_keys = np.asarray([key for ks, _, _ in shares for key in ks], dtype=object)
-    all_labels = torch.cat([lab for _, lab, _ in shares]).numpy() if len(all_keys) else np.zeros(0, dtype=np.int64)
+    all_labels = torch.cat([lab for ks, lab, _ in shares if len(ks)]).numpy() if len(all_keys) else np.zeros(0, dtype=np.int64)
     if len(set(all_keys.tolist())) != len(all_keys):
         raise RuntimeError(f"validation saw {len(all_keys) - len(set(all_keys.tolist()))} duplicate samples")
     order = np.argsort(all_keys)
@@ -451,8 +453,11 @@ def sharded_val_metrics(train_local, val_local, *, k: int = 13, unknown_fmr: flo
 
     val_parts = distributed.all_gather_object(val_local)
     val_keys = [key for p in val_parts for key in p[0]]
-    val_emb = torch.cat([p[1] for p in val_parts]) if val_keys else torch.zeros(0, emb_t.shape[1])
-    val_lab = torch.cat([p[2] for p in val_parts]) if val_keys else torch.zeros(0, dtype=torch.long)
+    dim = len(centre) if centre is not None else 0
+    val_emb = torch.cat([p[1] for p in val_parts if len(p[0])]) if val_keys else torch.zeros(0, dim)
+    val_lab = torch.cat([p[2] for p in val_parts if len(p[0])]) if val_keys else torch.zeros(0, dtype=torch.long)
+    if not len(keys_t):
+        emb_t = torch.zeros(0, val_emb.shape[1])
     vorder = torch.from_numpy(np.argsort(np.asarray(val_keys, dtype=object)).astype(np.int64))
     val_emb, val_lab = val_emb[vorder], val_lab[vorder]
     ql = val_lab.numpy()
@@ -495,7 +500,7 @@ def sharded_val_metrics(train_local, val_local, *, k: int = 13, unknown_fmr: flo
     if not distributed.world()[0] == 0:
         return None
     metrics = {"knn_accuracy": correct / len(ql) if len(ql) else math.nan}
-    names = [n for n in query_gallery(np.zeros((0, emb_t.shape[1])), [], None, [], verification=False,
+    names = [n for n in query_gallery(np.zeros((0, val_emb.shape[1])), [], None, [], verification=False,
                                       neighbours=(np.zeros((0, 0)), np.zeros((0, 0), dtype=np.int64))).metrics
              if not n.startswith("num_")]
     for name in names:

@@ -48,11 +48,14 @@ def main(out: str) -> None:
     train, val = data()
     train_local, val_local = share(train, rank, world), share(val, rank, world)
     sharded = sharded_val_metrics(train_local, val_local, k=13, unknown_fmr=0.05)
+    # a rank that read no train sample (all its shards unreadable, or fewer samples than ranks)
+    empty = (train[0][:0], torch.zeros(0, 0), train[2][:0])
+    lopsided = sharded_val_metrics(train if rank == 0 else empty, val_local, k=13, unknown_fmr=0.05)
     full_train, full_val = gather_to_main(*train_local), gather_to_main(*val_local)
     if rank == 0:
         reference = evaluate_embeddings(full_train, full_val, k=13)
         unknown = calibrated_unknown(full_train, full_val, fmr=0.05)
-        torch.save({"sharded": sharded, "reference": (reference, unknown), "world": world,
+        torch.save({"sharded": sharded, "lopsided": lopsided, "reference": (reference, unknown), "world": world,
                     "share_sizes": [len(share(train, r, world)[0]) for r in range(world)]}, out)
     accelerator.wait_for_everyone()
     accelerator.end_training()
