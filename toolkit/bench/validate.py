@@ -77,6 +77,8 @@ def main(
             log(f"  {mode}: {runs[mode]['wall_s']:.1f} s, busiest rank {busy['rank']} peak {_mb(busy['peak_rss'])} MB")
     before, after = runs["gather"], runs["sharded"]
     same = _same(before["metrics"], after["metrics"]) and before["unknown"] == after["unknown"]
+    rates = [k for k in before["metrics"] if isinstance(before["metrics"][k], float)]
+    largest = max((abs(before["metrics"][k] - after["metrics"][k]) for k in rates), default=0.0)
     b_busy, a_busy = _busiest(before), _busiest(after)
     mem_ratio = a_busy["peak_rss"] / b_busy["peak_rss"]
     time_ratio = after["wall_s"] / before["wall_s"]
@@ -92,9 +94,10 @@ def main(
     grow = [r["peak_rss"] - r["rss_before"] for r in (b_busy, a_busy)]
     print(f"| its growth while scoring, MB | {_mb(grow[0])} | {_mb(grow[1])} | {grow[1] / max(1, grow[0]):.2f}× |")
     print(f"| same metrics (kNN exact, rates to 1e-12) | | {'✓' if same else '✗'} | |")
+    print(f"| largest difference of a rate | | {largest:.1e} | |")
     print("\ntargets on 2 processes: busiest rank ≤ 0.6× the memory, wall time ≤ 0.7×")
     report = {"benchmark": "validate", "cores": cores(), "threads": threads, "before": before, "after": after,
-              "memory_ratio": mem_ratio, "time_ratio": time_ratio, "same_metrics": same}
+              "memory_ratio": mem_ratio, "time_ratio": time_ratio, "same_metrics": same, "largest_rate_difference": largest}
     if out:
         write_json(out, report)
     return report
