@@ -199,3 +199,84 @@ def test_accuracy_bench_data_only_builds_the_hard_shards_once(tmp_path):
     r = run(*args, env_extra=env)
     assert r.returncode == 0 and "sharding" not in r.stderr, r.stderr  # reused: same folder, same settings
     assert (tmp_path / "hard-64" / "_info.json").stat().st_mtime_ns == stamp
+
+
+# ----------------------------------------------------------------------------- the GPU path, on CPU
+
+
+def test_gpu_bench_without_cuda_is_one_skipped_line_and_checks_options_first(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the no-CUDA path")
+    r = run("bench", "gpu", "--dtypes", "bf16,fp32", "--compile", "false", "--channels_last", "true")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(_lines(r.stdout)) == 1 and json.loads(r.stdout)["skipped"] is True
+    r = run("bench", "gpu", "--dtypes", "fp16")
+    assert r.returncode == 2 and len(_lines(r.stderr)) == 1 and "--dtypes" in r.stderr, r.stderr
+    gpu = get_bench("gpu")
+    for bad, named in (({"compile": "maybe"}, "--compile"), ({"channels_last": "2"}, "--channels_last"),
+                       ({"budget_s": -1}, "--budget_s"), ({"device": "tpu"}, "--device"), ({"loader": "x"}, "--loader")):
+        with pytest.raises(ConfigError, match=named):
+            gpu(**bad)
+
+
+def test_gpu_bench_matrix_and_peaks():
+    from toolkit.bench.gpu import _choices, _dtypes, configurations, peak_for
+
+    rows = configurations(_dtypes("bf16,fp32"), _choices("channels_last", "both"), _choices("compile", "both"))
+    assert len(rows) == 8 and [r["compiled"] for r in rows] == [False] * 4 + [True] * 4  # eager first
+    assert configurations(_dtypes(("bf16",)), _choices("channels_last", True), _choices("compile", "false")) == [
+        {"dtype": "bf16", "channels_last": True, "compiled": False}]
+    assert peak_for("NVIDIA H200")["bf16"] == 989.0 and peak_for("NVIDIA H200 NVL")["bf16"] == 835.0
+    assert peak_for("Some Unknown GPU") is None
+
+
+def test_gpu_bench_dry_run_on_cpu_covers_the_cuda_code_path(tmp_path):
+    """`--device cpu` runs what a GPU runs (matrix, FLOPs, loader to the device, table, JSON)."""
+    out = tmp_path / "gpu.json"
+    r = run("bench", "gpu", "--device", "cpu", "--input_size", 32, "--batch_size", 8, "--warmup", 0, "--steps", 1,
+            "--dtypes", "fp32", "--compile", "false", "--loader_batches", 4, "--workers", 2, "--out", out,
+            env_extra={"TOOLKIT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout)
+    assert report["skipped"] is False and json.loads(out.read_text()) == report
+    assert [(x["dtype"], x["channels_last"], x["compiled"]) for x in report["train"]] == [
+        ("fp32", False, False), ("fp32", True, False)]
+    for row in report["train"]:
+        assert row["images_per_s"] > 0 and row["achieved_tflops"] > 0 and row["share_of_bf16_peak"] == "unknown"
+    loader = report["loader"]
+    assert [x["workers"] for x in loader["rows"]] == [1, 2] and loader["workers_for_best_train"] >= 1
+    assert "| dtype | channels_last | torch.compile | images/s per GPU |" in r.stderr
+
+
+def test_loader_bench_per_worker_view_sizes_the_loader_for_a_gpu(tmp_path):
+    from toolkit.bench.loader import sizing_row, worker_counts, workers_needed
+
+    assert worker_counts(1) == [1] and worker_counts(3) == [1, 2, 3]
+    assert worker_counts(16) == [1, 2, 3, 4, 8, 16] and worker_counts(12) == [1, 2, 3, 4, 8, 12]
+    assert workers_needed(2000, 900) == 3 and workers_needed(100, 900) == 1
+    rows = [{"workers": w} for w in (1, 2, 4, 8, 16)]
+    assert sizing_row(rows, 16)["workers"] == 8 and sizing_row(rows, 2)["workers"] == 1
+
+    out = tmp_path / "loader.json"
+    r = run("bench", "loader", "--size", "small", "--per_class", 4, "--batch_size", 8, "--images", 32, "--workers", 2,
+            "--repeats", 1, "--gpu_rates", "2000,10000", "--out", out, env_extra={"TOOLKIT_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| loader workers | samples/s | samples/s per worker | vs 1 worker | start-up s |" in r.stdout
+    for w in (1, 2):
+        cells = [c.strip() for c in next(x for x in r.stdout.splitlines() if x.startswith(f"| {w} |")).strip("|").split("|")]
+        assert float(cells[1].replace(",", "")) > 0 and float(cells[2].replace(",", "")) > 0, cells
+    view = json.loads(out.read_text())["per_worker"]
+    assert [row["workers"] for row in view["rows"]] == [1, 2]
+    for n in ("2000", "10000"):
+        need = view["workers_needed"][n]
+        assert need == workers_needed(float(n), view["samples_per_s_per_worker"])
+        assert f"a GPU at {int(n):,} images/s needs {need} loader worker(s)" in r.stdout
+    # resharded so that each worker reads whole shards of its own
+    from toolkit.data.shards import read_info
+
+    resharded = [p for p in (tmp_path / "cache" / "bench").glob("*-x*") if (p / "_info.json").is_file()]
+    assert resharded and len(read_info(resharded[0]).splits["train"].filenames) >= 2
+    r = run("bench", "loader", "--gpu_rates", "fast", env_extra={"TOOLKIT_CACHE": str(tmp_path / "cache2")})
+    assert r.returncode == 2 and "--gpu_rates" in r.stderr and not (tmp_path / "cache2").exists()

@@ -211,3 +211,15 @@ def test_range_edges_that_pass_validation_run(tmp_path):
     ])
     assert rc == 0, out
     assert "best kNN val accuracy" in out
+
+
+def test_compile_and_channels_last_are_opt_in_flags():
+    from toolkit.config import EmbedConfig
+
+    cfg = load_config(EmbedConfig)
+    assert cfg.compile is False and cfg.channels_last is False
+    cfg = config_from_argv(EmbedConfig, ["compile=true", "--channels_last"])
+    assert cfg.compile is True and cfg.channels_last is True
+    assert config_from_argv(EmbedConfig, ["--compile", "false"]).compile is False
+    with pytest.raises(ConfigError, match="compile"):
+        config_from_argv(EmbedConfig, ["compile=maybe"])

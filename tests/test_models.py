@@ -204,3 +204,91 @@ def test_count_parameters_trainable_only():
     head.layers[1].requires_grad_(False)  # freeze the first Linear
     assert count_parameters(head, trainable_only=True) == 64 * 3 + 3
     assert count_parameters(head) == 128 * 64 + 64 + 64 * 3 + 3
+
+
+# ----------------------------------------------------------------------------- torch.compile + channels_last
+# On CPU torch.compile (inductor) builds C++ kernels: ~50-70 s the first time on 2 busy cores,
+# ~5-15 s once inductor's on-disk cache holds them. Both tests use the shapes of the run below
+# (ZFNet at 16×16, one channel, batch 16, channels_last), so the second one reuses the kernels.
+
+COMPILE_SIDE, COMPILE_BATCH = 16, 16
+
+
+@pytest.mark.slow
+def test_compiled_channels_last_forward_backward_matches_eager():
+    """The training path (uint8 batch -> to_model_input(channels_last) -> model in train mode ->
+    backward), compiled vs eager from the same weights: same embeddings, same gradients."""
+    import copy
+
+    from toolkit.data.transforms import to_model_input
+
+    torch.manual_seed(0)
+    eager = build_embedder(arch="zfnet", in_channels=1, input_size=COMPILE_SIDE).to(memory_format=torch.channels_last)
+    twin = copy.deepcopy(eager)
+    compiled = torch.compile(twin)
+    images = torch.randint(0, 256, (COMPILE_BATCH, 1, COMPILE_SIDE, COMPILE_SIDE), dtype=torch.uint8)
+    x = to_model_input(images, input_size=COMPILE_SIDE, channels_last=True)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    weights = torch.randn(COMPILE_BATCH, 128, generator=torch.Generator().manual_seed(1))
+    ref, out = eager(x), compiled(x)
+    assert out.shape == (COMPILE_BATCH, 128) and _unit_norm(out.detach())
+    assert torch.allclose(out, ref, atol=2e-5), (out - ref).abs().max()
+    (ref * weights).sum().backward()
+    (out * weights).sum().backward()
+    # Per parameter, on the scale of the whole gradient: a conv bias before BatchNorm has a true
+    # gradient of 0, so both sides hold rounding noise there, in different orders of summation.
+    scale = max(p.grad.abs().max().item() for p in eager.parameters())
+    for (name, p), q in zip(eager.named_parameters(), twin.parameters()):
+        assert q.grad is not None, name
+        assert torch.allclose(q.grad, p.grad, rtol=1e-3, atol=1e-4 * scale), (name, (q.grad - p.grad).abs().max() / scale)
+    flat_e = torch.cat([p.grad.flatten() for p in eager.parameters()])
+    flat_c = torch.cat([q.grad.flatten() for q in twin.parameters()])
+    assert (flat_c - flat_e).norm() <= 1e-4 * flat_e.norm()
+    for (name, b), c in zip(eager.named_buffers(), twin.buffers()):  # BatchNorm running statistics
+        assert torch.allclose(b.float(), c.float(), atol=1e-5), name
+
+
+@pytest.mark.slow
+def test_embed_run_with_compile_and_channels_last_matches_eager(tmp_path):
+    """`compile=true channels_last=true` end to end (train, validate with channels_last, save):
+    the first step's loss equals the eager run's, weights stay within Adam's step of it, and the
+    saved embedder has the plain module's weight names (no torch.compile wrapper)."""
+    import json
+
+    from test_embed import launch_python, make_quadrant_shards, write_config
+    from toolkit.files import safe_load
+
+    shards = make_quadrant_shards(tmp_path)
+    lr, steps = 1e-3, 2
+    config = write_config(tmp_path / "run.yaml", shards, max_steps=steps, epochs=0, lr=lr, channels_last=True,
+                          input_size=COMPILE_SIDE, batch_size=COMPILE_BATCH, K=4)
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["compile=true"])):
+        r = launch_python("--config", config, f"run_dir={tmp_path / name}", *extra, cwd=tmp_path)
+        assert r.returncode == 0, r.stdout[-5000:]
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        losses = [rec["train/loss"] for rec in records if "train/loss" in rec]
+        assert len(losses) == steps and any("val/knn_accuracy" in rec for rec in records)
+        runs[name] = losses, safe_load(tmp_path / name / "best_embedder.pt")["model"]
+    (loss_e, model_e), (loss_c, model_c) = runs["eager"], runs["compiled"]
+    assert loss_c[0] == pytest.approx(loss_e[0], rel=1e-5)  # same weights, same batch: the forward agrees
+    assert loss_c[1] == pytest.approx(loss_e[1], rel=5e-2)
+    assert model_c.keys() == model_e.keys() == ZFNet(input_size=COMPILE_SIDE).state_dict().keys()
+    for key, value in model_e.items():  # Adam moves each weight by at most ~lr per step
+        assert torch.allclose(model_c[key].float(), value.float(), atol=2 * lr * steps + 1e-5), key
+
+
+def test_channels_last_evaluation_matches_contiguous(tmp_path):
+    """embed_split (what the validator and `toolkit evaluate` embed with) in channels_last."""
+    from test_embed import make_quadrant_shards
+    from toolkit.evaluation import embed_split
+
+    shards = make_quadrant_shards(tmp_path)
+    torch.manual_seed(0)
+    model = build_embedder(arch="zfnet", in_channels=1, input_size=32).eval()
+    kw = dict(shards=str(shards), split="val", rank=0, world_size=1, device=torch.device("cpu"), input_size=32,
+              num_workers=0)
+    keys, plain, _ = embed_split(model, **kw)
+    keys_cl, cl, _ = embed_split(model.to(memory_format=torch.channels_last), **kw, channels_last=True)
+    assert keys == keys_cl and len(keys) == 12
+    assert torch.allclose(plain, cl, atol=1e-5)

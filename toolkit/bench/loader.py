@@ -24,6 +24,12 @@ Timing: the clock starts before the loader is built and stops after the last bat
 consumed, so loader construction and worker start-up are *included*, once, on both sides.
 Files are warm in the OS page cache on both sides (they were just written or read). Runs
 alternate A B B A ... and each side reports its best run.
+
+Then, per loader worker process (``--per_worker``, on by default): the toolkit loader alone
+with 1, 2, ... ``--workers`` workers (:func:`worker_counts`), over the same originals
+resharded into at least one train shard per worker (:func:`worker_shards`), delivering the
+uint8 batches ``train_step`` receives. Steady samples/s and samples/s per worker; from the
+per-worker rate, how many workers a GPU training at ``--gpu_rates`` images/s needs.
 """
 from __future__ import annotations
 
@@ -120,6 +126,126 @@ def time_side(make: Callable[[], Iterable], num_batches: int) -> dict[str, float
     return {"samples": samples, "seconds": seconds, "first_batch_s": first or 0.0, "samples_per_s": samples / seconds}
 
 
+# --------------------------------------------------------------------------- per worker process
+
+
+def loader_rate(shards: Path, *, batch_size: int, workers: int, batches: int, seed: int = 0,
+                consume: Callable[[torch.Tensor], Any] | None = None, batching: str = "random") -> dict[str, float]:
+    """Steady samples/s of the training loader (``ShardStream`` random batches + ``make_loader``
+    with ``workers`` processes): the uint8 batches ``train_step`` receives, each passed to
+    ``consume`` (e.g. the move to the GPU) when given.
+
+    The clock starts once every worker has delivered one batch (the loader takes them from
+    its workers in turn), so it measures the rate a long epoch runs at; worker start-up is
+    reported apart (``startup_s``: loader built to that point).
+    """
+    from toolkit.data.stream import ShardStream, make_loader
+
+    stream = ShardStream(shards, split="train", mode="train", batching=batching, batch_size=batch_size, seed=seed)
+    warm = max(1, workers)
+    t0 = time.perf_counter()
+    loader = make_loader(stream, num_workers=workers).with_epoch(nbatches=warm + batches)
+    samples = seen = 0
+    t_warm = t0
+    for _keys, images, _labels in loader:
+        if consume is not None:
+            consume(images)
+        seen += 1
+        if seen == warm:
+            t_warm = time.perf_counter()
+        elif seen > warm:
+            samples += images.shape[0]
+    seconds = time.perf_counter() - t_warm
+    if seen < warm + batches:
+        raise RuntimeError(f"loader ended after {seen} of {warm + batches} batches")
+    return {"workers": workers, "samples": samples, "seconds": seconds, "samples_per_s": samples / seconds,
+            "samples_per_s_per_worker": samples / seconds / max(1, workers), "startup_s": t_warm - t0}
+
+
+def worker_counts(max_workers: int) -> list[int]:
+    """1, 2, ... up to ``max_workers``: every count up to 4, then powers of two and the maximum."""
+    counts = [w for w in range(1, max_workers + 1) if w <= 4 or (w & (w - 1)) == 0]
+    if max_workers >= 1 and counts[-1] != max_workers:
+        counts.append(max_workers)
+    return counts
+
+
+def workers_needed(images_per_s: float, per_worker: float) -> int:
+    """Loader worker processes that deliver ``images_per_s`` at ``per_worker`` samples/s each."""
+    return max(1, math.ceil(images_per_s / per_worker))
+
+
+def per_worker_view(shards: Path, *, batch_size: int, max_workers: int, seed: int, repeats: int,
+                    batches_per_worker: int = 128) -> list[dict]:
+    """:func:`loader_rate` for each of :func:`worker_counts` (best of ``repeats`` runs each)."""
+    rows = []
+    for w in worker_counts(max_workers):
+        batches = max(16, batches_per_worker * w)
+        runs = [loader_rate(shards, batch_size=batch_size, workers=w, batches=batches, seed=seed) for _ in range(repeats)]
+        best = max(runs, key=lambda r: r["samples_per_s"])
+        rows.append({**best, "runs": [r["samples_per_s"] for r in runs]})
+        log(f"  {w} worker(s): {best['samples_per_s']:,.0f} samples/s ({best['samples_per_s_per_worker']:,.0f} per worker, "
+            f"start-up {best['startup_s']:.2f} s)")
+    one = rows[0]["samples_per_s"]
+    for row in rows:
+        row["vs_one_worker"] = row["samples_per_s"] / one
+    return rows
+
+
+def sizing_row(rows: list[dict], nproc: int) -> dict:
+    """The row whose per-worker rate sizes the loader: the most workers measured that leave a
+    core to the training process (workers + 1 <= nproc); more share cores, and their
+    per-worker rate says more about this machine than about the loader."""
+    fits = [r for r in rows if r["workers"] <= max(1, nproc - 1)]
+    return fits[-1] if fits else rows[0]
+
+
+def format_per_worker(rows: list[dict], gpu_rates: list[float], *, nproc: int) -> str:
+    """The per-worker table and how many workers a GPU training at each of ``gpu_rates``
+    images/s needs, at the per-worker rate of :func:`sizing_row`."""
+    lines = [
+        "| loader workers | samples/s | samples/s per worker | vs 1 worker | start-up s |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(f"| {r['workers']} | {r['samples_per_s']:,.0f} | {r['samples_per_s_per_worker']:,.0f} | "
+                     f"{r['vs_one_worker']:.2f}× | {r['startup_s']:.2f} |")
+    last = sizing_row(rows, nproc)
+    rate = last["samples_per_s_per_worker"]
+    lines.append("")
+    for n in gpu_rates:
+        need = workers_needed(n, rate)
+        spare = max(1, nproc - 1)  # one core stays with the training process
+        cores_note = "" if need <= spare else f" (more than the {spare} core(s) this machine has beside the training process)"
+        lines.append(f"a GPU at {n:,.0f} images/s needs {need} loader worker(s): {n:,.0f} / {rate:,.0f} samples/s "
+                     f"per worker (measured with {last['workers']} worker(s) and the main process on {nproc} core(s)), rounded up{cores_note}")
+    return "\n".join(lines)
+
+
+def as_bool(what: str, name: str, value: Any) -> bool:
+    """A boolean option as fire passes it (``--x``, ``--nox``, ``--x false``, ``--x=0`` ...)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"toolkit bench {what}: --{name} must be true or false, got {value!r}")
+
+
+def _rates(value: Any) -> list[float]:
+    """``--gpu_rates 2000,10000`` (fire gives a tuple, an int or a string) as a list of floats."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try:
+        rates = [float(v) for v in items if str(v).strip()]
+    except ValueError:
+        rates = []
+    if not rates or any(not math.isfinite(r) or r <= 0 for r in rates):
+        raise ConfigError(f"toolkit bench loader: --gpu_rates must be positive numbers (images/s), e.g. 2000,10000; got {value!r}")
+    return rates
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -183,7 +309,7 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def _shards_for(folder: Path, out: Path, *, seed: int):
+def _shards_for(folder: Path, out: Path, *, seed: int, samples_per_shard: int = 1000):
     """Shard ``folder`` into ``out`` (32×32 grey), re-using a matching earlier output."""
     from toolkit.data.shards import INFO_NAME, read_info, write_shards
 
@@ -194,13 +320,32 @@ def _shards_for(folder: Path, out: Path, *, seed: int):
                 info.source == str(folder.resolve())
                 and info.image_size == IMAGE_SIZE
                 and info.seed == seed
+                and max(info.splits["train"].shard_lengths or [0]) <= samples_per_shard
             ):
                 return info
         except Exception:  # noqa: BLE001 - anything odd: rebuild
             pass
     return write_shards(
-        folder, out, image_size=IMAGE_SIZE, grayscale=True, seed=seed, overwrite=out.exists(), progress=False
+        folder, out, image_size=IMAGE_SIZE, grayscale=True, seed=seed, overwrite=out.exists(), progress=False,
+        samples_per_shard=samples_per_shard,
     )
+
+
+def worker_shards(folder: Path, root: Path, *, workers: int, seed: int = 0) -> Path:
+    """``folder`` sharded (32×32 grey) into at least ``workers`` train shards, under ``root``.
+
+    With fewer shards than loader workers the reader stripes every shard across the workers:
+    each then parses every tar member to decode one in W, which is not how a large data set
+    (many shards per worker) is read. The per-worker figures use these shards.
+    """
+    base = root / f"{folder.name}-shards{IMAGE_SIZE}"
+    train = _shards_for(folder, base, seed=seed).splits["train"]
+    per_shard = max(1, min(1000, train.num_samples // max(1, workers)))
+    if len(train.filenames) >= workers:
+        return base
+    out = root / f"{folder.name}-shards{IMAGE_SIZE}-x{per_shard}"
+    _shards_for(folder, out, seed=seed, samples_per_shard=per_shard)
+    return out
 
 
 def digits_shards(root: Path, *, seed: int = 0) -> Path:
@@ -290,8 +435,14 @@ def main(
     per_class: int | None = None,
     seed: int = 0,
     repeats: int = 2,
+    per_worker: bool = True,
+    gpu_rates: Any = "2000,10000",
 ) -> dict:
     """Shard stream vs the seed's per-item PIL reading, in samples/s; prints a markdown table.
+
+    Then (``per_worker``) the toolkit loader alone with 1, 2, ... ``workers`` worker
+    processes: steady samples/s and samples/s per worker of the uint8 batches training
+    receives, and how many workers a GPU at each of ``gpu_rates`` images/s needs.
 
     Args:
         size: camera (1200×900 RGB originals), small (64×64 grey characters) or both.
@@ -304,17 +455,24 @@ def main(
             (4 classes), at least 25 and enough for every worker to fill one batch.
         seed: data generation, split and shuffling seed.
         repeats: timed runs per side, alternating A B B A ...; each side reports its best.
+        per_worker: also the per-worker-process view (on the small set when it is built, else
+            camera; resharded into at least ``workers`` train shards, one reader per shard).
+        gpu_rates: GPU training rates (images/s) to size the loader for, e.g. 2000,10000.
     """
     kinds = list(SIZES) if size == "both" else [size]
     if size not in (*SIZES, "both"):
         raise ConfigError(f"toolkit bench loader: --size must be camera, small or both, got {size!r}")
     require_ints("loader", (("batch_size", batch_size, 1), ("workers", workers, 0), ("repeats", repeats, 1)))
+    per_worker = as_bool("loader", "per_worker", per_worker)
+    rates = _rates(gpu_rates)
     for name, value in (("images", images), ("per_class", per_class)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"toolkit bench loader: --{name} must be a positive integer, got {value!r}")
 
     machine = machine_info()
     results = []
+    folders: dict[str, Path] = {}
+    scaling: list[dict] = []
     with data_root() as (root, temporary):
         for kind in kinds:
             if kind == "camera":
@@ -322,10 +480,16 @@ def main(
             else:
                 pc = per_class or SMALL_PER_CLASS
             folder, shards, info = build_data(kind, root, per_class=pc, seed=seed)
+            folders[kind] = folder
             results.append(
                 _bench_one(kind, folder, shards, info, batch_size=batch_size, workers=workers,
                            images=images or DEFAULT_IMAGES[kind], seed=seed, repeats=repeats)
             )
+        scaled = "small" if "small" in folders else kinds[0]
+        if per_worker and workers >= 1:
+            log(f"per worker process ({scaled}, up to {workers} worker(s)):")
+            shards = worker_shards(folders[scaled], root, workers=workers, seed=seed)
+            scaling = per_worker_view(shards, batch_size=batch_size, max_workers=workers, seed=seed, repeats=repeats)
 
     num_batches = {r["data"]: r["batches"] for r in results}
     report = {
@@ -342,6 +506,13 @@ def main(
         },
         "results": results,
     }
+    if scaling:
+        sizing = sizing_row(scaling, machine["nproc"])
+        rate = sizing["samples_per_s_per_worker"]
+        report["per_worker"] = {
+            "data": scaled, "rows": scaling, "samples_per_s_per_worker": rate, "measured_with_workers": sizing["workers"],
+            "workers_needed": {f"{n:g}": workers_needed(n, rate) for n in rates},
+        }
     print("## toolkit bench loader\n")
     print(
         f"machine: nproc {machine['nproc']}, {machine['cpu']}, torch {machine['torch']}, "
@@ -362,6 +533,14 @@ def main(
         "torch DataLoader (shuffled).\n"
     )
     print(format_table(results))
+    if scaling:
+        print(
+            f"\nPer loader worker process ({scaled} set, 32×32 grey PNG shards, at least one train shard per "
+            f"worker; batch {batch_size}; best of {repeats} run(s)): the uint8 batches training receives, "
+            "nothing done to them in the main process. Steady rate: the clock starts once every worker has "
+            "delivered its first batch (start-up shown apart).\n"
+        )
+        print(format_per_worker(scaling, rates, nproc=machine["nproc"]))
     if out:
         write_json(out, report)
     return report
