@@ -201,10 +201,15 @@ def bench(what: str = "loader", **options):
       loader  shard stream vs the seed's reading (pandas manifest + per-item PIL open,
               grayscale, resize from the original folder), same batch size and workers.
               Options: --size camera|small|both, --batch_size 64, --workers 2, --images N,
-              --per_class N, --repeats 2, --seed 0, --out FILE.json
-      mining  semi-hard loss forward+backward time and peak memory, toolkit vs
-              pytorch-metric-learning (dev extra). Options: --sizes 256,1024,2048,
-              --repeats 3, --timeout 120, --device auto|cpu|cuda, --out FILE.json
+              --per_class N, --repeats 2, --seed 0, --out FILE.json; then samples/s per
+              worker process and the workers a GPU needs (--per_worker false skips it,
+              --gpu_rates 2000,10000)
+      mining  semi-hard loss forward+backward time and peak memory: toolkit, the same
+              objective vectorised, pytorch-metric-learning (dev extra); then the per-rank
+              cost with W ranks (own anchors) vs every rank mining the whole global batch.
+              Options: --sizes 256,1024,2048,4096 (0: skip), --per_rank 2048,4096,8192,16384
+              (0: skip), --worlds 1,2,8,64, --repeats 3, --timeout 120,
+              --device auto|cpu|cuda, --out FILE.json
       step    toolkit embed step (Accelerate + gather + mining + optimizer) vs a plain
               PyTorch loop, same model/batch/precision. `toolkit bench step --help`-style
               options are the keyword arguments of toolkit/bench/step.py main().
@@ -220,8 +225,13 @@ def bench(what: str = "loader", **options):
               --font_root DIR, --data_only (only build the set's shards), --out FILE.json
       fonts   the hard set's fonts: how many are usable; --install runs apt-get for them.
       scaling one process vs two (gloo): compute, gather and mining time per step.
-      gpu     seed network at 220x220 on a GPU (bf16/fp32, channels_last, torch.compile);
-              prints a JSON line saying it skipped on machines without CUDA.
+      validate  validation gathered on rank 0 vs sharded across gloo processes: wall time,
+              the busiest rank's peak memory, same metrics. Options: --references 1000000,
+              --queries 150000, --classes 1000, --processes 2, --out FILE.json
+      gpu     seed network at 220x220 on a GPU: dtype x channels_last x torch.compile,
+              images/s, share of the bf16 peak, loader workers. Options: --dtypes bf16,fp32,
+              --channels_last true|false|both, --compile ..., --compile_mode, --budget_s,
+              --device; prints a JSON line saying it skipped on machines without CUDA.
     Unknown benchmarks or options are refused before any work (the error lists the options).
     """
     from toolkit.bench import run_bench
