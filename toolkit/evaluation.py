@@ -361,8 +361,10 @@ def calibrated_unknown(train, val, *, fmr: float) -> dict:
 # ----------------------------------------------------------------------------- sharded validation
 
 
-# Merged candidates rank 0 holds at once (queries per block x W x (k + depth)): ~50 MB.
-CANDIDATES = 1 << 22
+# Merged candidates rank 0 holds at once (queries per block x W x (k + depth)): ~12 MB. 4x more
+# (bench validate, 200k x 30k, 2 processes) was 0.53x the gathered wall time instead of 0.64x,
+# but the busiest rank then grew as much as the gathered one (505 vs 508 MB; 343 MB with this).
+CANDIDATES = 1 << 20
 
 
 def _sorted_share(part):
