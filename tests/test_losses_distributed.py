@@ -56,6 +56,18 @@ def dist_results(tmp_path_factory):
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
 
 
+def _assert_like_one_process(dist_results, key, expected, loss, stats):
+    """Every rank's DDP-averaged gradients, logged loss and pair count are one process's."""
+    for rank, result in enumerate(dist_results):
+        got = result[key]
+        for name, grad in expected.items():
+            torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"rank {rank}, {name}: {m}")
+        assert got["stats"]["loss"] == pytest.approx(loss.item(), rel=1e-5)
+        assert got["stats"]["num_pairs"] == stats["num_pairs"]
+        assert got["loss_for_backward"] == pytest.approx(WORLD * loss.item(), rel=1e-5)
+
+
 def _grads(model):
     return {name: p.grad.clone() for name, p in model.named_parameters()}
 
@@ -72,14 +84,7 @@ def test_ddp_gradients_equal_single_process_on_concatenated_batch(dist_results, 
     expected = _grads(model)
     assert stats["num_pairs"] == 48 * 7 and loss.item() > 0.01
 
-    for rank, result in enumerate(dist_results):
-        got = result[strategy]
-        for name, grad in expected.items():
-            torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-6,
-                                       msg=lambda m: f"rank {rank}, {name}: {m}")
-        assert got["stats"]["loss"] == pytest.approx(loss.item(), rel=1e-5)
-        assert got["stats"]["num_pairs"] == stats["num_pairs"]
-        assert got["loss_for_backward"] == pytest.approx(WORLD * loss.item(), rel=1e-5)
+    _assert_like_one_process(dist_results, strategy, expected, loss, stats)
 
     # The comparison has power: mining each half on its own (no gather) moves the gradient.
     local = []
@@ -110,14 +115,7 @@ def test_ranks_with_different_numbers_of_pairs_still_give_the_single_process_gra
                  for r in range(WORLD)]
     assert own_pairs[0] > 2 * own_pairs[1] and (own_pairs[1] == 0) == (case == "zero")
     assert stats["num_pairs"] == sum(own_pairs) and loss.item() > 0.01
-    for rank, result in enumerate(dist_results):
-        got = result[(case, strategy, anchors)]
-        for name, grad in expected.items():
-            torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-6,
-                                       msg=lambda m: f"rank {rank}, {name}: {m}")
-        assert got["stats"]["loss"] == pytest.approx(loss.item(), rel=1e-5)
-        assert got["stats"]["num_pairs"] == stats["num_pairs"]
-        assert got["loss_for_backward"] == pytest.approx(WORLD * loss.item(), rel=1e-5)
+    _assert_like_one_process(dist_results, (case, strategy, anchors), expected, loss, stats)
 
 
 @pytest.mark.slow
