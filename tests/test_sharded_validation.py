@@ -76,3 +76,13 @@ def test_queries_in_many_blocks_give_the_same_metrics(monkeypatch):
     assert blocked["knn_accuracy"] == whole["knn_accuracy"] and unknown_b == unknown
     for name, value in whole.items():
         assert blocked[name] == pytest.approx(value, rel=1e-12, abs=1e-12), name
+
+
+def test_no_val_query_gives_nan_metrics_and_no_unknown_distance_instead_of_an_error():
+    from toolkit.evaluation import sharded_val_metrics
+
+    train, val = _script().data()
+    empty = (val[0][:0], val[1][:0], val[2][:0])
+    metrics, unknown, counts = sharded_val_metrics(train, empty, k=13, unknown_fmr=0.05)
+    assert math.isnan(metrics["knn_accuracy"]) and math.isnan(metrics["map_at_r"])
+    assert unknown is None and counts == {"train": 157, "val": 0}

@@ -365,6 +365,8 @@ def calibrated_unknown(train, val, *, fmr: float) -> dict:
 # (bench validate, 200k x 30k, 2 processes) was 0.53x the gathered wall time instead of 0.64x,
 # but the busiest rank then grew as much as the gathered one (505 vs 508 MB; 343 MB with this).
 CANDIDATES = 1 << 20
+# faiss's distance_compute_blas_threshold (its default): see toolkit.knn
+BLAS_QUERY_ELEMENTS = 128_000
 
 
 def _sorted_share(part):
@@ -471,7 +473,12 @@ def sharded_val_metrics(train_local, val_local, *, k: int = 13, unknown_fmr: flo
         raise DataError(f"unknown threshold: the reference needs at least 2 classes, got {len(np.unique(train_labels))}")
     # queries in blocks, so rank 0 holds at most CANDIDATES merged candidates at a time
     block = max(1, CANDIDATES // (len(shares) * (k + depth)))
+    # faiss computes distances by sgemm from BLAS_QUERY_ELEMENTS query x dim elements per call,
+    # by a direct loop below: blocks at least that large round like one search of every query
+    if len(ql) * val_emb.shape[1] >= BLAS_QUERY_ELEMENTS:
+        block = max(block, -(-BLAS_QUERY_ELEMENTS // max(1, val_emb.shape[1])))
     knn_w, rank_w = min(k, len(train_labels)), min(depth, len(train_labels))
+    label_set, label_pos = np.unique(train_labels, return_inverse=True)  # votes count class positions
     correct, sums, weights, counts_m, own, other = 0, {}, {}, {}, [], []
     for s in range(0, len(ql), block):
         rows = slice(s, s + block)
@@ -483,8 +490,8 @@ def sharded_val_metrics(train_local, val_local, *, k: int = 13, unknown_fmr: flo
         if parts is None:
             continue
         _, knn_i = _merge_nearest([p["knn_d"] for p in parts], [p["knn_i"] for p in parts], knn_w)
-        pred, _ = _vote(torch.from_numpy(train_labels[knn_i]), int(train_labels.max()) + 1)
-        correct += int((pred.numpy() == ql[rows]).sum())
+        pred, _ = _vote(torch.from_numpy(label_pos[knn_i]), len(label_set))  # smallest label wins a tie
+        correct += int((label_set[pred.numpy()] == ql[rows]).sum())
         rank_d, rank_i = _merge_nearest([p["rank_d"] for p in parts], [p["rank_i"] for p in parts], rank_w)
         result = query_gallery(val_emb[rows], ql[rows], None, train_labels, verification=False, neighbours=(rank_d, rank_i))
         matched = int(result.has_match.sum())  # the rates are means over the queries with a match
@@ -512,7 +519,7 @@ def sharded_val_metrics(train_local, val_local, *, k: int = 13, unknown_fmr: flo
             metrics[name] = sums[name] / weights[name] if weights.get(name) else math.nan
     counts = {"train": len(train_labels), "val": len(ql)}
     unknown = None
-    if unknown_fmr is not None:
+    if unknown_fmr is not None and len(ql):  # no val query: nothing to calibrate on (metrics are nan)
         d_own = np.concatenate(own) if own else np.zeros(0)
         d_other = np.concatenate(other) if other else np.zeros(0)
         unknown = {**calibrate_from_distances(d_own, d_other, fmr=unknown_fmr), "calibrated_on": "val queries vs train references"}

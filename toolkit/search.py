@@ -155,7 +155,10 @@ def nearest(reference, queries, k: int, spec: IndexSpec | None = None, *, device
 
 
 def _as_array(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    if hasattr(x, "detach"):  # a tensor: float32 and float64 as they are, half precision widened
+        x = x.detach()
+        return (x if x.is_floating_point() and x.element_size() >= 4 else x.float()).cpu().numpy()
+    return np.asarray(x)
 
 
 def _centred(x: np.ndarray, c: np.ndarray, rows: int = 1 << 15) -> np.ndarray:

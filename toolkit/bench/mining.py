@@ -208,7 +208,7 @@ def main(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     batch_sizes = [b for b in _int_list(sizes) if b]
     rank_sizes = [b for b in _int_list(per_rank) if b]
-    world_sizes = _int_list(worlds)
+    world_sizes = sorted(set(_int_list(worlds)))
     require_ints("mining", [("repeats", repeats, 1), *(("sizes", b, 8) for b in batch_sizes),
                             *(("per_rank", b, 8) for b in rank_sizes), *(("worlds", w, 1) for w in world_sizes)])
     bad = [(g, w) for g in rank_sizes for w in world_sizes if g % w or g // w < 2]
