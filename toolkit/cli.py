@@ -41,6 +41,7 @@ def shard(
     overwrite: bool = False,
     holdout_classes: str = "",
     query_fraction: float = 0.0,
+    group_by_class: str = "auto",
 ):
     """Write an image folder (one sub-folder per class) as WebDataset shards.
 
@@ -70,9 +71,14 @@ def shard(
         overwrite: replace OUT if it is a shard folder written by `toolkit shard` (or empty); the old one is removed only after the new one is complete. Anything else at OUT, and an OUT inside SRC or holding it, is refused.
         holdout_classes: classes to hold out whole into the test split (default: none). A fraction in (0, 1) such as 0.2 holds out max(1, round(0.2*C)) of the C classes; an integer such as 2 holds out that many; either way they are picked at random with --seed (same seed, same classes). A comma list such as 8,9 or cat,dog names them (a single class whose name is a number needs a trailing comma: 9,). At least 2 classes must stay known.
         query_fraction: roles of the test images when retrieving them against each other. 0 (default): every test image is both a query and a gallery image (leave-one-out). A fraction in (0, 1) such as 0.2: per held-out class, round(0.2*n) images (at least 1, at most n-1; picked with --seed) are queries only and the rest are gallery only. Needs --holdout_classes.
+        group_by_class: true|false|auto (default auto). true keeps each class whole in one train shard (shards are then dealt whole to loader workers, so P×K batches fill from whole classes: for many classes of a few images each, such as 20,000 classes of 3-6 images); false mixes every class into every shard; auto groups when the train split has at least 1,000 classes with a median below 64 images.
     """
     from toolkit.data.shards import write_shards
 
+    grouping = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False, "auto": "auto"}.get(
+        str(group_by_class).strip().lower())
+    if grouping is None:
+        raise ConfigError(f"toolkit shard: --group_by_class takes true, false or auto, got {group_by_class!r}")
     t0 = time.time()
     info = write_shards(
         src,
@@ -87,6 +93,7 @@ def shard(
         overwrite=overwrite,
         holdout_classes=holdout_classes or None,
         query_fraction=query_fraction,
+        group_by_class=grouping,
     )
     _print_shard_summary(info, out, time.time() - t0)
 
@@ -228,6 +235,11 @@ def bench(what: str = "loader", **options):
       validate  validation gathered on rank 0 vs sharded across gloo processes: wall time,
               the busiest rank's peak memory, same metrics. Options: --references 1000000,
               --queries 150000, --classes 1000, --processes 2, --out FILE.json
+      classes P×K streaming over 62 classes vs 20,000 classes of 3-6 images, shards mixed vs
+              grouped by class, the bounded batcher vs the one before: samples/s, peak buffered
+              samples vs the bound, repeats in batches, views per image, passes per epoch.
+              Options: --classes 20000, --low 3, --high 6, --batch_size 64, --K 4,
+              --data 62,many, --topologies 1x0,2x2, --max_seconds 30, --out FILE.json
       gpu     seed network at 220x220 on a GPU: dtype x channels_last x torch.compile,
               images/s, share of the bf16 peak, loader workers. Options: --dtypes bf16,fp32,
               --channels_last true|false|both, --compile ..., --compile_mode, --budget_s,

@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, str] = {
     "openset": "toolkit.bench.openset",  # unseen classes: raw pixels vs a 5-minute embedder, retrieval metrics
     "accuracy": "toolkit.bench.accuracy",  # recipes on the hard character set: raw pixels, seed, fast.yaml before/after
     "fonts": "toolkit.bench.fonts",  # the hard set's ~150 fonts: list what is usable, --install them (apt-get)
+    "classes": "toolkit.bench.classes",  # P×K streaming, 62 vs 20,000 classes: layouts, batchers, memory bound, views per image
     "gpu": "toolkit.bench.gpu",  # seed net at 220 on CUDA: images/s, share of peak FLOP/s (skips on CPU)
 }
 

@@ -6,21 +6,55 @@ callable ``pass_index -> iterable of samples``, and keep asking for the next pas
 as batches are wanted: the caller cuts the stream.
 
 P×K batches (:func:`pk_batches`): per-class buffers fill from the stream; as soon as P
-classes hold K images, a batch of exactly P classes × K images is emitted (the P classes
-with the fullest buffers, random tie-break). Buffers survive from one pass to the next, so a
-class with fewer than K images in one pass is completed on the next (its images can then
-repeat inside a batch). When ``give_up_after`` passes in a row yield no batch (fewer than P
-classes with K images reachable), a clear error is raised instead of spinning.
+classes are ready, a batch of exactly P classes × K images is emitted (the P fullest
+buffers, random tie-break). A class is ready when it holds K distinct images, or all of its
+images when the class has fewer than K (but at least 2): those are then repeated to K.
+Inside a batch no image appears twice unless its class has fewer than K images: a buffer
+holds each image (key) once, and an image arriving again while it waits is not added.
+
+Memory bound. The buffers hold at most ``pk_bound(P, K, shuffle_buffer) = max(32·P·K,
+shuffle_buffer)`` samples (2,048 for 16×4), for any class mix: a class holds at most
+``bound / P`` images (at least 4·K; what arrives beyond that is deferred), so P full classes
+fit in the bound and one large class cannot crowd out the others; when the total would pass
+the bound, the class fed least recently is deferred whole. A loader slot therefore holds at most that many
+decoded samples in the batcher plus the reader's shuffle buffer (``shuffle_buffer``
+samples, plus one class run when shards are laid out by class). Deferred images are not
+lost: the stream is read pass after pass, and they come again in the next pass.
+
+Class runs. When shards are laid out by class (``class_runs``, see :mod:`toolkit.data.reader`)
+the reader hands each class over in consecutive pieces of K images, the last piece holding
+the rest: the class is *settled* whenever its piece ends (the label changes). Its images
+beyond a multiple of K are deferred at once, a class of fewer than K images is padded, so
+nothing waits for images that will not come this pass and the buffers stay near one batch.
+The reader shuffles a class's images every pass, so which images are left over changes
+from pass to pass. Without class runs (mixed shards) leftovers wait in their buffers, across
+passes, until completed or deferred by the bound.
+
+Nothing is dropped silently: :class:`PKStats` counts what came in, went out (distinct images
+and padding repeats), was deferred (by reason) or merged as a duplicate, what is buffered
+and its peak. ``received == emitted + deferred + duplicates + buffered`` at every batch.
+When ``give_up_after`` passes in a row yield no batch (fewer than P classes can be completed),
+or a single pass puts less than a quarter of its images into batches because the bound
+deferred most of it (classes too spread out over the stream: mixed shards of many small
+classes), a clear error is raised instead of spinning or re-reading the data 4+ times.
 """
 from __future__ import annotations
 
 import random
-from collections import defaultdict, deque
-from typing import Callable, Iterable, Iterator
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from toolkit.errors import DataError
+
+# The batcher holds at most this many batches' worth of samples (or the shuffle buffer, if
+# larger). A mixed stream of C classes needs about 0.55·C·K samples buffered to complete
+# classes without deferring any (measured: 2,231 for 1,000 classes at K = 4): 32 batches of
+# 16×4 cover about 900 classes; more classes of few images each belong in shards laid out by
+# class, where the batcher holds about one batch.
+BOUND_BATCHES = 32
 
 Sample = tuple[str, torch.Tensor, int]
 Batch = tuple[list[str], torch.Tensor, torch.Tensor]  # keys, uint8 images (B, C, H, W), labels (B,)
@@ -85,37 +119,201 @@ def random_batches(passes: Passes, *, batch_size: int, give_up_after: int, sourc
         pass_index += 1
 
 
-def pk_batches(passes: Passes, *, P: int, K: int, rng: random.Random, give_up_after: int, source: str) -> Iterator[Batch]:
+# Of PKStats' fields, those that combine over loader slots by their largest value, not their sum.
+PK_MAX_FIELDS = ("bound", "peak_buffered", "passes")
+
+
+def pk_bound(P: int, K: int, shuffle_buffer: int = 1000) -> int:
+    """Most samples the P×K batcher buffers: ``max(32·P·K, shuffle_buffer)`` (module docstring)."""
+    return max(BOUND_BATCHES * P * K, shuffle_buffer)
+
+
+@dataclass
+class PKStats:
+    """What the P×K batcher did, counted (plain ints; the stream copies them per loader worker).
+
+    ``received``: samples taken from the passes; ``emitted``: distinct images placed in
+    batches; ``padded``: repeats added to fill classes of fewer than K images; deferred, by
+    reason: ``deferred_leftover`` (a class run ended with images beyond a multiple of K, or
+    with too few to pair), ``deferred_full`` (a class already held ``bound / P`` images),
+    ``deferred_room`` (the bound: the least recently fed class set aside); ``duplicates``: an
+    image arriving while it already waited (not added twice); ``buffered`` now and
+    ``peak_buffered``, against ``bound``; ``passes`` started and ``batches`` emitted.
+    """
+
+    bound: int = 0
+    received: int = 0
+    emitted: int = 0
+    padded: int = 0
+    deferred_leftover: int = 0
+    deferred_full: int = 0
+    deferred_room: int = 0
+    duplicates: int = 0
+    buffered: int = 0
+    peak_buffered: int = 0
+    passes: int = 0
+    batches: int = 0
+
+    FIELDS = ("bound", "received", "emitted", "padded", "deferred_leftover", "deferred_full", "deferred_room",
+              "duplicates", "buffered", "peak_buffered", "passes", "batches")
+
+    @property
+    def deferred(self) -> int:
+        return self.deferred_leftover + self.deferred_full + self.deferred_room
+
+    def values(self) -> list[int]:
+        return [getattr(self, f) for f in self.FIELDS]
+
+
+def pk_batches(
+    passes: Passes,
+    *,
+    P: int,
+    K: int,
+    rng: random.Random,
+    give_up_after: int,
+    source: str,
+    bound: int | None = None,
+    class_sizes: Sequence[int] | None = None,
+    class_runs: bool = False,
+    stats: PKStats | None = None,
+    hint: str = "",
+) -> Iterator[Batch]:
     """P classes × K images per batch, pass after pass (see the module docstring).
 
-    ``rng`` breaks ties between equally full class buffers. Raises DataError, naming
-    ``source``, once ``give_up_after`` passes in a row gave no batch.
+    ``rng`` breaks ties between equally full class buffers. ``bound``: most samples buffered
+    (default :func:`pk_bound` with a 1000-sample shuffle buffer). ``class_sizes[c]``: images of
+    class c in the split (None: unknown, no class is padded). ``class_runs``: the stream
+    delivers each class's images of a pass together. ``stats`` (a :class:`PKStats`) is
+    updated in place before each batch is yielded. Raises DataError, naming ``source`` (and
+    ending with ``hint``), once ``give_up_after`` passes in a row gave no batch.
     """
-    buffers: dict[int, deque] = defaultdict(deque)
+    bound = pk_bound(P, K) if bound is None else max(int(bound), P * K)
+    cap = max(4 * K, bound // P)  # most images one class holds: P full classes fit in the bound
+    st = stats if stats is not None else PKStats()
+    st.bound = bound
+    # label -> {key: sample}, least recently fed class first.
+    buffers: OrderedDict[int, dict[str, Sample]] = OrderedDict()
+    short: set[int] = set()  # classes of fewer than K images, all of them buffered: padded when emitted
     ready: set[int] = set()
+
+    def few(c: int) -> bool:  # a class with fewer than K images in the split, at least a pair
+        return class_sizes is not None and 0 <= c < len(class_sizes) and 2 <= class_sizes[c] < K
+
+    def drop(c: int, n: int, reason: str) -> None:
+        """Defer the newest ``n`` images of class ``c`` (all of them: the class leaves)."""
+        buf = buffers[c]
+        n = min(n, len(buf))
+        for _ in range(n):
+            buf.popitem()
+        setattr(st, reason, getattr(st, reason) + n)
+        st.buffered -= n
+        if not buf:
+            del buffers[c]
+        if len(buf) < K:
+            ready.discard(c)
+            short.discard(c)
+
+    def settle(c: int) -> None:
+        """Class ``c``'s run ended: keep whole groups of K (or a padded short class), defer the rest."""
+        buf = buffers.get(c)
+        if not buf:
+            return
+        n = len(buf)
+        if n >= K:
+            if n % K:
+                drop(c, n % K, "deferred_leftover")
+        elif few(c) and n >= 2:
+            short.add(c)
+            ready.add(c)
+        else:
+            drop(c, n, "deferred_leftover")
+
+    def add(item: Sample) -> None:
+        key, _, c = item
+        st.received += 1
+        buf = buffers.get(c)
+        if buf is None:
+            buf = buffers[c] = {}
+        else:
+            buffers.move_to_end(c)
+        if key in buf:
+            st.duplicates += 1
+            return
+        if len(buf) >= cap:
+            st.deferred_full += 1
+            return
+        buf[key] = item
+        st.buffered += 1
+        if len(buf) >= K:
+            ready.add(c)
+            short.discard(c)
+        elif not class_runs and few(c) and len(buf) >= class_sizes[c]:
+            short.add(c)
+            ready.add(c)
+        while st.buffered > bound:
+            victim = next(iter(buffers))
+            if victim == c and len(buffers) > 1:  # never the class just fed while others wait
+                buffers.move_to_end(c)
+                victim = next(iter(buffers))
+            drop(victim, len(buffers[victim]), "deferred_room")
+        st.peak_buffered = max(st.peak_buffered, st.buffered)
+
+    def emit() -> Batch:
+        # Fullest buffers first keeps memory bounded (a short class counts as full); random tie-break.
+        chosen = sorted(ready, key=lambda c: (-max(len(buffers[c]), K if c in short else 0), rng.random()))[:P]
+        items: list[Sample] = []
+        for c in chosen:
+            buf = buffers[c]
+            group = [buf.pop(next(iter(buf))) for _ in range(min(K, len(buf)))]
+            st.emitted += len(group)
+            st.buffered -= len(group)
+            st.padded += K - len(group)
+            items.extend(group[i % len(group)] for i in range(K))
+            if not buf:
+                del buffers[c]
+            if len(buf) < K:
+                ready.discard(c)
+                short.discard(c)
+        st.batches += 1
+        return collate(items)
+
     pass_index, idle_passes = 0, 0
     while True:
         emitted = False
+        st.passes += 1
+        last = None
+        received, room, out = st.received, st.deferred_room, st.emitted
         for item in passes(pass_index):
             label = item[2]
-            buffers[label].append(item)
-            if len(buffers[label]) >= K:
-                ready.add(label)
+            if class_runs and last is not None and label != last:
+                settle(last)
+            last = label
+            add(item)
             if len(ready) >= P:
-                # Fullest buffers first keeps memory bounded; random tie-break.
-                chosen = sorted(ready, key=lambda c: (-len(buffers[c]), rng.random()))[:P]
-                items = []
-                for c in chosen:
-                    items.extend(buffers[c].popleft() for _ in range(K))
-                    if len(buffers[c]) < K:
-                        ready.discard(c)
                 emitted = True
-                yield collate(items)
+                yield emit()
+        if class_runs and last is not None:
+            settle(last)
+            if len(ready) >= P:
+                emitted = True
+                yield emit()
         idle_passes = 0 if emitted else idle_passes + 1
+        received, room, out = st.received - received, st.deferred_room - room, st.emitted - out
+        if received > bound and 2 * room >= received and 4 * out < received:
+            # The bound, not the data, starved a whole pass (less than a quarter of it reached a
+            # batch): classes too spread out to complete K within `bound` samples. Every pass
+            # is alike, so the loader would re-read the data 4+ times per epoch: say it now.
+            raise DataError(
+                f"cannot form P×K={P}×{K} batches by {source}: a whole pass of {received} images put only {out} "
+                f"into batches within the {bound}-sample buffer bound ({room} deferred for lack of room); the "
+                f"bound is max({BOUND_BATCHES}·P·K, shuffle_buffer): a larger shuffle_buffer raises it{hint}"
+            )
         if idle_passes >= give_up_after:
-            have = sum(1 for b in buffers.values() if len(b) >= K)
+            have = len(ready)
             raise DataError(
                 f"cannot form P×K={P}×{K} batches: only {have} classes with {K} images reachable "
-                f"by {source} (lower P or K, or use fewer workers/ranks)"
+                f"by {source} (lower P or K, or use fewer workers/ranks; {st.deferred} images deferred, "
+                f"buffers capped at {bound} samples){hint}"
             )
         pass_index += 1

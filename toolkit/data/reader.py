@@ -7,6 +7,13 @@ agree without talking. When there are fewer shards than slots, slots share a sha
 keeps every m-th sample of it (m = number of sharers) -- nothing is read twice, nothing is
 lost, and "1 shard, 2 ranks × 2 workers" is not an error.
 
+Shards laid out by class (``layout: by_class`` in ``_info.json``, see
+:func:`toolkit.data.shards.plan_shards`) keep every class whole in one shard. A training
+reader (``by_class=True``) keeps them whole: a shard shared by several slots is dealt by
+class (each slot keeps every m-th class of it, not every m-th sample), and the shuffle moves
+whole classes (:func:`shuffle_runs`), so a slot's P×K batcher receives each class's images
+together and can settle a class as soon as it has passed.
+
 How. WebDataset's ``url_opener`` (paths, URLs, ``pipe:``) and ``group_by_keys`` around
 :mod:`toolkit.data.tario`'s tar stage, which reads members 5-8× faster than ``tarfile``;
 PNGs are decoded by :func:`decode_png`. On 32×32 shards these two changes took one process
@@ -25,7 +32,7 @@ import re
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -156,6 +163,13 @@ class SlotReader:
     shuffle_buffer: int = 1000
     seed: int = 0
     epoch: int = 0
+    by_class: bool = False  # the shards hold whole classes: deal and shuffle by class (train mode only)
+    chunk: int = 0  # by_class: a class leaves the shuffle pool this many images at a time (the P×K batcher's K); 0: whole
+
+    @property
+    def class_runs(self) -> bool:
+        """True when each class's images of a pass reach the batcher together (one run)."""
+        return self.by_class and self.shuffle
 
     def read_pass(self, pass_index: int = 0) -> Iterator[Sample]:
         """The decoded samples of pass ``pass_index`` over this slot's share."""
@@ -167,6 +181,9 @@ class SlotReader:
         # Start yielding once a tenth of the buffer is full: workers restart every epoch and
         # a full 1000-sample fill stalls each epoch's first batch by seconds on small data.
         initial = max(1, self.shuffle_buffer // 10)
+        if self.class_runs:
+            return shuffle_runs(self._decoded(pass_index), bufsize=self.shuffle_buffer, initial=initial, rng=rng,
+                                chunk=self.chunk)
         return _shuffle(self._decoded(pass_index), bufsize=self.shuffle_buffer, initial=initial, rng=rng)
 
     def _decoded(self, pass_index: int) -> Iterator[Sample]:
@@ -179,11 +196,20 @@ class SlotReader:
         # Only the image and the label are read into memory; the .json metadata is for people.
         raw = tar_samples(iter(urls), handler=self.skips.skip, select_files=_needed_member)
         seen: dict[str, int] = defaultdict(int)  # samples found per shard, decodable or not
+        by_run = self.class_runs and stride > 1
+        run, last_cls = -1, None
         for i, sample in enumerate(raw):
             seen[sample.get("__url__")] += 1
-            # Samples of a shared shard are dealt by position inside the shard; the counter
-            # resets per shard because `positions` has one shard whenever stride > 1.
-            if i % stride != offset:
+            # Samples of a shared shard are dealt by position inside the shard (by class run
+            # when the shard holds whole classes); the counters run over one shard because
+            # `positions` has one shard whenever stride > 1.
+            if by_run:
+                cls = sample.get("cls")
+                if run < 0 or cls != last_cls:
+                    run, last_cls = run + 1, cls
+                if run % stride != offset:
+                    continue
+            elif i % stride != offset:
                 continue
             try:
                 item = decode_sample(sample)
@@ -202,6 +228,69 @@ class SlotReader:
             expected = self.shard_lengths.get(u["url"])
             if expected is not None and seen[u["url"]] < expected:
                 self.skips.skip(DataError(f"only {seen[u['url']]} of {expected} samples found (truncated shard?)"), u["url"], kind="short_shard")
+
+
+def shuffle_runs(items: Iterable[Sample], *, bufsize: int, initial: int, rng: random.Random,
+                 chunk: int = 0) -> Iterator[Sample]:
+    """Shuffle a stream of class runs, keeping each run's samples together.
+
+    A *run* is consecutive samples with the same label (a class of a ``by_class`` shard),
+    cut at ``bufsize`` samples; its samples are shuffled as it enters a pool. Once the pool
+    holds ``initial`` samples, a random run gives out ``chunk`` of its samples (all of them
+    when ``chunk`` is 0 or more than it has left) and stays in the pool while it has more;
+    while the pool is below ``bufsize`` samples two runs come in for each piece that leaves
+    (webdataset's shuffle, per run), then pieces leave until it holds at most ``bufsize``. The
+    pool therefore never holds more than ``bufsize`` samples plus one run, and a run is at
+    most ``bufsize`` samples. With ``chunk`` = K, a P×K batcher receives K images of a class
+    at a time from up to as many classes as the pool holds, instead of a whole large class.
+    """
+    def runs() -> Iterator[list]:
+        run: list = []
+        for item in items:
+            if run and (item[2] != run[-1][2] or len(run) >= bufsize):
+                yield run
+                run = []
+            run.append(item)
+        if run:
+            yield run
+
+    pool: list[list] = []
+    held = 0
+
+    def add(run: list) -> None:
+        nonlocal held
+        rng.shuffle(run)
+        pool.append(run)
+        held += len(run)
+
+    def take() -> list:
+        nonlocal held
+        j = rng.randrange(len(pool))
+        run = pool[j]
+        if 0 < chunk < len(run):
+            piece = run[-chunk:]
+            del run[-chunk:]
+        else:
+            pool[j] = pool[-1]
+            pool.pop()
+            piece = run
+        held -= len(piece)
+        return piece
+
+    source = runs()
+    for run in source:
+        add(run)
+        if held < bufsize:
+            extra = next(source, None)
+            if extra is not None:
+                add(extra)
+        if held < initial:
+            continue
+        yield from take()
+        while held > bufsize:
+            yield from take()
+    while pool:
+        yield from take()
 
 
 def _needed_member(fname: str) -> bool:

@@ -11,6 +11,16 @@ Layout of the output folder (written to a temporary sibling, moved into place wh
     OUT/skipped.csv           unreadable images with the reason (also counted on screen)
     OUT/ignored.csv           every other file under SRC with the reason it is not an image
 
+Layout of a split (``layout`` in ``_info.json``, :func:`plan_shards`): ``mixed`` shuffles the
+split once so every shard mixes all classes; ``by_class`` keeps each class whole and
+contiguous in one shard (a class larger than a shard fills as few shards as possible),
+classes in random order. P×K batching needs K images of a class in one loader slot: with
+many classes of a few images each, a mixed layout spreads a class over every slot (it cannot
+reach K without re-reading the data many times, or buffering every class), while a slot
+dealt a ``by_class`` shard reads each of its classes whole. ``group_by_class="auto"`` (the
+default) lays the train split out by class when it has many small classes
+(:func:`choose_layout`); val and test are always mixed.
+
 Each sample: ``<key>.png`` (the preprocessed image), ``<key>.cls`` (class index) and
 ``<key>.json`` (original relative path, class name). Keys are ``s<8-digit manifest row>``:
 dot-free (WebDataset splits on the first dot) and unable to escape the folder.
@@ -28,8 +38,10 @@ its content is data to check (:func:`read_info`), never text to paste into a com
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import io
+import itertools
 import json
 import math
 import multiprocessing
@@ -66,6 +78,11 @@ SHARD_NAME = re.compile(r"[A-Za-z0-9_]+-\d{6,}\.tar")
 SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
 SAMPLE_KEY = re.compile(r"s\d{8,}")  # what the writer names a sample: s<8+ digit manifest row>
 TEST_SPLIT = "test"  # the split of the held-out classes
+LAYOUTS = ("mixed", "by_class")
+# group_by_class="auto" lays a train split out by class when it has at least this many classes
+# and its median class has fewer than GROUP_BELOW_MEDIAN images (see choose_layout).
+GROUP_MIN_CLASSES = 1000
+GROUP_BELOW_MEDIAN = 64
 
 
 def preprocess_image(img: Image.Image, *, image_size: int | None, grayscale: bool) -> Image.Image:
@@ -368,6 +385,7 @@ def write_shards(
     image_timeout_s: float = 60.0,
     holdout_classes: Any = None,
     query_fraction: float = 0.0,
+    group_by_class: bool | str = "auto",
     _encode: Callable[[tuple[str, int | None, bool]], tuple[bytes | None, str | None]] = _encode_one,
 ) -> "ShardInfo":
     """Shard ``src`` (image folder) into ``out``. Returns its :class:`ShardInfo`.
@@ -384,6 +402,10 @@ def write_shards(
     every one both query and gallery (leave-one-out); ``f`` in (0, 1) makes ``round(f*n)``
     images of each held-out class (at least 1, at most n-1; seeded) queries only and the
     rest gallery only (a class with a single readable image: gallery only).
+
+    ``group_by_class`` sets the train split's layout (see the module docstring): True keeps
+    each class in one shard (``by_class``), False mixes the classes in every shard, ``"auto"``
+    decides by :func:`choose_layout` from the train images per class.
 
     Images are decoded in ``workers`` processes (None: one per CPU core, at most 8). An image
     that crashes its decoder, or takes longer than ``image_timeout_s`` seconds, is skipped
@@ -402,6 +424,8 @@ def write_shards(
         val_fraction=val_fraction, seed=seed, image_size=image_size, samples_per_shard=samples_per_shard,
         workers=workers, image_timeout_s=image_timeout_s, query_fraction=query_fraction,
     )
+    if group_by_class not in (True, False, "auto"):
+        raise DataError(f"group_by_class must be true, false or auto, got {group_by_class!r}")
     check_apart(src, out, what_src="image folder", advice="write the shards somewhere else")
     check_replaceable(out, SHARD_FOLDER, overwrite=overwrite)
     with warnings.catch_warnings(record=True) as caught:
@@ -438,7 +462,8 @@ def write_shards(
     tmp = new_temp_folder(out)
     try:
         info = _write_split_shards(
-            manifest, encoded, tmp, classes=classes, seed=seed, samples_per_shard=samples_per_shard, holdout=holdout
+            manifest, encoded, tmp, classes=classes, seed=seed, samples_per_shard=samples_per_shard, holdout=holdout,
+            group_by_class=group_by_class,
         )
         notes += _shard_problems(info["splits"], classes, val_fraction=val_fraction, holdout=holdout)
         info.update(
@@ -560,6 +585,60 @@ def _shard_problems(
     return notes
 
 
+def choose_layout(group_by_class: bool | str, class_sizes: list[int]) -> str:
+    """The train split's layout: ``"by_class"`` or ``"mixed"``; ``class_sizes``: images per class.
+
+    True / False force it. ``"auto"`` groups by class when the split has at least
+    GROUP_MIN_CLASSES classes with a median below GROUP_BELOW_MEDIAN images. Why: over mixed
+    shards a loader slot's P×K batcher must hold partial classes of every class at once,
+    about 0.55·C·K samples for C classes (measured), which passes its bound (2,048 samples at
+    16×4) from about 900 classes on, and a slot sees only 1/slots of each class per pass;
+    over shards grouped by class a slot reads whole classes a few at a time, which works
+    while the reader's shuffle pool (1,000 samples by default) holds many more than P
+    classes, i.e. for small classes. Few or large classes stay mixed (a shard of one or two
+    classes cannot give a batch P of them).
+    """
+    if group_by_class == "auto":
+        sizes = sorted(n for n in class_sizes if n > 0)
+        many_small = len(sizes) >= GROUP_MIN_CLASSES and sizes[len(sizes) // 2] < GROUP_BELOW_MEDIAN
+        return "by_class" if many_small else "mixed"
+    return "by_class" if group_by_class else "mixed"
+
+
+def plan_shards(labels: list[int], *, layout: str, samples_per_shard: int, rng: random.Random) -> list[list[int]]:
+    """Which samples (positions in ``labels``) go into each shard, in order.
+
+    ``mixed``: one shuffle, then consecutive chunks of ``samples_per_shard``. ``by_class``:
+    classes in random order, each class's samples contiguous, cut into as many shards as the
+    mixed layout (n = ceil(N / samples_per_shard)) at the class boundary nearest each multiple
+    of N / n: each cut is within half a class of its mark, so a shard holds N / n images give
+    or take one class and ranks × workers share the shards as evenly as mixed ones (packing
+    whole classes greedily leaves a short last shard, and one slot a pass short). A class
+    larger than ``samples_per_shard`` is first cut into pieces of that size, placed like
+    classes; no other class straddles two shards.
+    """
+    if layout not in LAYOUTS:
+        raise DataError(f"unknown shard layout {layout!r} (expected one of {', '.join(LAYOUTS)})")
+    positions = list(range(len(labels)))
+    rng.shuffle(positions)
+    if layout == "mixed" or not labels:
+        return list(_chunks(positions, samples_per_shard))
+    by_class: dict[int, list[int]] = {}
+    for p in positions:  # random order of first appearance: the classes' order
+        by_class.setdefault(labels[p], []).append(p)
+    pieces = [piece for members in by_class.values() for piece in _chunks(members, samples_per_shard)]
+    n = -(-len(labels) // samples_per_shard)
+    ends = list(itertools.accumulate(len(piece) for piece in pieces))  # samples up to and including piece i
+    cuts = [0]  # shard j holds pieces[cuts[j]:cuts[j + 1]]
+    for j in range(1, n):
+        target = j * len(labels) / n
+        i = bisect.bisect_left(ends, target)  # the piece that reaches the target
+        b = i + 1 if i == 0 or ends[i] - target < target - ends[i - 1] else i  # cut after it, or before it
+        cuts.append(min(max(b, cuts[-1] + 1), len(pieces) - (n - j)))  # every shard gets a piece
+    cuts.append(len(pieces))
+    return [[p for piece in pieces[a:b] for p in piece] for a, b in zip(cuts, cuts[1:])]
+
+
 def _write_split_shards(
     manifest: pd.DataFrame,
     encoded: list,
@@ -569,18 +648,20 @@ def _write_split_shards(
     seed: int,
     samples_per_shard: int,
     holdout: list[str] | None = None,
+    group_by_class: bool | str = "auto",
 ) -> dict:
     import webdataset as wds
 
     splits = {}
     for split in ("train", "val", TEST_SPLIT) if holdout else ("train", "val"):
         rows = [i for i in np.flatnonzero((manifest["split"] == split).to_numpy()) if encoded[i][0] is not None]
-        # Shuffle once at write time so every shard mixes classes (P×K batching and
-        # per-worker streams then see all classes, not a sorted class range).
-        random.Random(f"{seed}-{split}").shuffle(rows)
+        labels = [int(manifest.at[i, "index"]) for i in rows]
+        layout = choose_layout(group_by_class, list(Counter(labels).values())) if split == "train" else "mixed"
+        chunks = [[rows[j] for j in chunk] for chunk in plan_shards(
+            labels, layout=layout, samples_per_shard=samples_per_shard, rng=random.Random(f"{seed}-{split}"))]
         split_classes = holdout if split == TEST_SPLIT else classes
         filenames, lengths, sums, counts = [], [], [], {c: 0 for c in split_classes}
-        for n, chunk in enumerate(_chunks(rows, samples_per_shard)):
+        for n, chunk in enumerate(chunks):
             name = f"{split}-{n:06d}.tar"
             # An int mtime: a float one makes tarfile add a PAX header to every member,
             # which costs ~30 % of read throughput on small images.
@@ -607,6 +688,7 @@ def _write_split_shards(
             "shard_lengths": lengths,
             "sha256": sums,
             "class_counts": counts,
+            "layout": layout,
         }
         if split == TEST_SPLIT:
             written = sorted(rows)
@@ -636,7 +718,8 @@ def shard_report_lines(info: ShardInfo, out: str | Path, *, seconds: float | Non
     held = f" (+{len(info.holdout_classes)} held out)" if info.holdout_classes else ""
     lines = [
         f"wrote {out}: {info.num_classes} classes{held}, train {tr.num_samples} images in "
-        f"{len(tr.filenames)} shards, val {va.num_samples} in {len(va.filenames)} shards{took}"
+        f"{len(tr.filenames)} shards{', grouped by class' if tr.layout == 'by_class' else ''}, "
+        f"val {va.num_samples} in {len(va.filenames)} shards{took}"
     ]
     test = info.splits.get(TEST_SPLIT)
     if info.holdout_classes and test is not None:
@@ -701,6 +784,7 @@ class SplitInfo:
     # image is both, except the keys listed here. Empty for train/val (and leave-one-out).
     not_query: list[str] = field(default_factory=list)
     not_gallery: list[str] = field(default_factory=list)
+    layout: str = "mixed"  # "by_class": each class whole in one shard (see plan_shards)
 
     @property
     def num_queries(self) -> int:
@@ -770,6 +854,7 @@ class ShardInfo:
                 shard_lengths=list(sp.get("shard_lengths", [])), sha256=list(sp.get("sha256", [])),
                 class_counts=dict(sp["class_counts"]) if "class_counts" in sp else None,
                 not_query=list(sp.get("not_query", [])), not_gallery=list(sp.get("not_gallery", [])),
+                layout=sp.get("layout", "mixed"),
             ) for name, sp in info["splits"].items()},
             image_size=pre.get("image_size") or None, grayscale=pre.get("grayscale", True),
             warnings=[str(w) for w in info.get("warnings", []) if isinstance(w, str)],
@@ -836,9 +921,9 @@ def _check_info(info: Any, where: str) -> dict:
     ``<split>-NNNNNN.tar``). Optional, checked when present: ``num_classes``; per split
     ``shard_lengths`` (ints >= 0), ``sha256`` (hex digests), ``class_counts`` ({class: int
     >= 0}), ``not_query`` / ``not_gallery`` (distinct sample keys ``sNNNNNNNN``, none in both,
-    at most ``num_samples``) and ``num_queries`` / ``num_gallery`` (agreeing with them);
-    ``preprocess.image_size`` (None or int >= 0) and ``preprocess.grayscale`` (bool);
-    ``holdout_classes`` (distinct class names, none of them in ``classes``) and ``holdout``
+    at most ``num_samples``), ``num_queries`` / ``num_gallery`` (agreeing with them) and
+    ``layout`` (``mixed`` or ``by_class``); ``preprocess.image_size`` (None or int >= 0) and
+    ``preprocess.grayscale`` (bool); ``holdout_classes`` (distinct class names, none of them in ``classes``) and ``holdout``
     (an object; its ``query_fraction`` a number in [0, 1)).
     """
 
@@ -904,6 +989,8 @@ def _check_split(split: dict, key: str, bad: Callable[[str, Any, str], DataError
         for i, v in enumerate(values):
             if not ok(v):
                 raise bad(f"{key}.{name}[{i}]", v, expected)
+    if split.get("layout", "mixed") not in LAYOUTS:
+        raise bad(f"{key}.layout", split.get("layout"), " or ".join(LAYOUTS))
     counts = split.get("class_counts", {})
     if not isinstance(counts, dict) or not all(isinstance(c, str) and _is_count(n) for c, n in counts.items()):
         raise bad(f"{key}.class_counts", counts, "an object of class name: int >= 0")
