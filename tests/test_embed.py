@@ -272,6 +272,11 @@ def test_checkpoints_respect_max_steps_exactly(trained):
     assert f"after {MAX_STEPS} steps" in r.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == MAX_STEPS
+    # What the P×K batcher did is counted for the run and per epoch: every batch it formed,
+    # under its stated bound (max(32·P·K, shuffle_buffer) samples).
+    pk = summary["pk_batches"]
+    assert pk["emitted"] + pk["padded"] >= MAX_STEPS * 16 and pk["peak_buffered"] <= pk["bound"] == 1000, pk
+    assert any("data/pk_deferred" in rec for rec in read_metrics(run_dir))
 
 
 def test_run_files_are_readable_like_any_other_file(trained):

@@ -229,7 +229,7 @@ def test_embed_overwrite_moves_the_old_run_aside_and_resume_never_reads_it(tmp_p
     rc, out = run_launch("embed", embed_args(config, run_dir, "max_steps=4", "keep_last=2", "resume=true"))
     assert rc == 0, out + capsys.readouterr().err
     assert "resumed from step 2 " in out, out
-    assert train_steps(read_metrics(run_dir)) == [1, 2, 3, 3, 4]
+    assert train_steps(read_metrics(run_dir)) == [1, 2, 3, 4]  # step 3 came after the checkpoint: logged again, once
     assert files_of(prev) == run1 and new_previous(run_dir) == [prev], "resume leaves the old run where it is"
 
 

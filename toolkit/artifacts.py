@@ -49,12 +49,13 @@ REPORT_MD = "report.md"
 PLOTS_DIR = "plots"
 WANDB_DIR = "wandb"
 WANDB_DATA_DIR = "wandb-data"
+WANDB_ID_FILE = "wandb-run-id"  # the W&B run id, so resume=true continues the same run
 LOCK_FILE = ".lock"
 
 # Everything the toolkit writes in a run folder, both stages (what overwrite=true moves aside).
 RUN_OUTPUTS = (
     CHECKPOINTS_DIR, EMBEDDER_FILE, HEAD_FILE, METRICS_FILE, SUMMARY_FILE, CONFIG_FILE, REPORT_JSON,
-    REPORT_MD, PLOTS_DIR, WANDB_DIR, WANDB_DATA_DIR, LOCK_FILE,
+    REPORT_MD, PLOTS_DIR, WANDB_DIR, WANDB_DATA_DIR, WANDB_ID_FILE, LOCK_FILE,
 )
 
 

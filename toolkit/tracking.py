@@ -7,6 +7,11 @@ with ``cat`` and compared without W&B:
     run_dir/metrics.jsonl    one JSON object per ``log`` call: {"step", "time", **metrics}
     run_dir/summary.json     final numbers (best accuracy, ...)
     run_dir/wandb/           W&B's own folder (offline-run-* or run-*), only for kind="wandb"
+    run_dir/wandb-run-id     the W&B run's id: a resumed run (``resume=True``) continues that run
+
+A run killed mid-write leaves a torn last line in metrics.jsonl: opening the file again
+removes it (:func:`repair_metrics`), and a resume drops the records logged after the
+checkpoint it continues from (:meth:`Tracker.rewind`), so no step appears twice.
 
 Only the main process may create a real :class:`Tracker` (W&B allows one ``wandb.init`` per
 run); every other rank gets a :class:`NullTracker`, so loops call ``tracker.log`` unguarded.
@@ -19,12 +24,15 @@ import json
 import math
 import netrc
 import os
+import re
+import secrets
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Literal
 from urllib.parse import urlsplit
 
-from toolkit.artifacts import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from toolkit.artifacts import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, WANDB_ID_FILE
 from toolkit.files import atomic_write_json, atomic_write_text
 
 __all__ = [
@@ -32,6 +40,7 @@ __all__ = [
     "Tracker",
     "make_tracker",
     "read_metrics",
+    "repair_metrics",
     "wandb_mode",
 ]
 
@@ -139,6 +148,11 @@ class NullTracker:
     def log_table(self, key: str, columns: list[str], rows: list[list], step: int | None = None) -> None:
         pass
 
+    records = 0  # records in metrics.jsonl (none here)
+
+    def rewind(self, step: int, records: int | None = None) -> None:
+        pass
+
     def finish(self) -> None:
         pass
 
@@ -165,6 +179,7 @@ class Tracker(NullTracker):
         group: str | None = None,
         tags: Iterable[str] | None = None,
         job_type: str | None = None,
+        resume: bool = False,
     ):
         if kind not in ("wandb", "none"):
             raise ValueError(f"tracker kind must be 'wandb' or 'none', got {kind!r}")
@@ -177,7 +192,9 @@ class Tracker(NullTracker):
         if not isinstance(self.config, dict):
             raise TypeError(f"config must be a dict or dataclass, got {type(config).__name__}")
         atomic_write_text(self.run_dir / CONFIG_FILE, yaml.safe_dump(self.config, sort_keys=False))
-        # Append, not truncate: a resumed run continues the same metrics file.
+        # Append, not truncate: a resumed run continues the same metrics file (a torn last line removed).
+        repair_metrics(self.run_dir)
+        self.records = len(read_metrics(self.run_dir))  # records in the file: a checkpoint notes how many
         self._metrics = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
         self._summary: dict = {}
         self._last_step: int | None = None
@@ -185,9 +202,22 @@ class Tracker(NullTracker):
         self.mode: WandbMode | None = None
         if kind == "wandb":
             self.mode = wandb_mode()
-            self._run = self._init_wandb(project=project, name=name, group=group, tags=tags, job_type=job_type)
+            self._run = self._init_wandb(project=project, name=name, group=group, tags=tags, job_type=job_type,
+                                         resume=resume)
 
-    def _init_wandb(self, *, project, name, group, tags, job_type):
+    def _run_id(self, resume: bool) -> str:
+        """The W&B run id: the one kept in the run folder when resuming, else a new one (then kept)."""
+        path = self.run_dir / WANDB_ID_FILE
+        if resume and path.is_file():
+            kept = path.read_text(encoding="utf-8", errors="replace").strip()
+            if RUN_ID.fullmatch(kept):
+                return kept
+            warnings.warn(f"{path}: not a W&B run id ({kept[:40]!r}); starting a new W&B run", stacklevel=3)
+        run_id = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(8))  # W&B's own form
+        atomic_write_text(path, run_id + "\n")
+        return run_id
+
+    def _init_wandb(self, *, project, name, group, tags, job_type, resume=False):
         try:
             import wandb
         except ImportError as e:  # optional at runtime: say what to install
@@ -207,6 +237,8 @@ class Tracker(NullTracker):
             mode=self.mode,
             config=self.config,
             settings=settings,
+            id=self._run_id(resume),
+            resume="allow",  # the same id again (resume=true) continues that run, online or offline
         )
 
     @property
@@ -220,6 +252,7 @@ class Tracker(NullTracker):
         record = {"step": step, "time": time.time(), **{str(k): _json_number(v) for k, v in metrics.items()}}
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()  # so `tail -f` and a crashed run still show every logged step
+        self.records += 1
         self._last_step = step
         if self._run is not None:
             self._run.log({k: _plain(v) for k, v in metrics.items()}, step=step)
@@ -268,6 +301,23 @@ class Tracker(NullTracker):
         kwargs = {} if step is None else {"step": step}
         self._run.log({key: wandb.Table(columns=list(columns), data=[[_plain(v) for v in row] for row in rows])}, **kwargs)
 
+    def rewind(self, step: int, records: int | None = None) -> None:
+        """Resuming from the checkpoint of ``step``: keep the first ``records`` records (as many
+        as the file held when that checkpoint was written), or without that count those of
+        steps up to ``step``, and drop the rest (the killed run logged them; the resumed one
+        logs them again). metrics.jsonl is rewritten atomically."""
+        self._metrics.close()
+        path = self.run_dir / METRICS_FILE
+        rows = read_metrics(self.run_dir)
+        if records is not None and 0 <= records <= len(rows):
+            kept = rows[:records]
+        else:
+            kept = [r for r in rows if not isinstance(r.get("step"), int) or r["step"] <= step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.records = len(kept)
+        self._metrics = open(path, "a", encoding="utf-8")
+        self._last_step = None
+
     def finish(self, exit_code: int | None = None) -> None:
         """Close metrics.jsonl and finish the W&B run; safe to call twice."""
         if not self._metrics.closed:
@@ -281,6 +331,25 @@ class Tracker(NullTracker):
         self.finish(exit_code=1 if exc_type is not None else None)
 
 
+RUN_ID = re.compile(r"[a-z0-9]{1,64}")  # a W&B run id (a kept one is untrusted input)
+
+
+def repair_metrics(run_dir: str | os.PathLike) -> bool:
+    """Cut a torn last line (no newline: the run was killed mid-write) off ``run_dir/metrics.jsonl``.
+
+    Appending after it would glue the next record to it, one unreadable line in the middle.
+    Returns True when something was cut."""
+    path = Path(run_dir) / METRICS_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return False
+    if not data or data.endswith(b"\n"):
+        return False
+    atomic_write_text(path, data[: data.rfind(b"\n") + 1].decode("utf-8", errors="replace"))
+    return True
+
+
 def make_tracker(
     *,
     enabled: bool,
@@ -292,12 +361,14 @@ def make_tracker(
     group: str | None = None,
     tags: Iterable[str] | None = None,
     job_type: str | None = None,
+    resume: bool = False,
 ) -> Tracker | NullTracker:
     """A real :class:`Tracker` when ``enabled`` (pass ``accelerator.is_main_process``), else a :class:`NullTracker`."""
     if not enabled:
         return NullTracker()
     return Tracker(
-        kind=kind, run_dir=run_dir, config=config, project=project, name=name, group=group, tags=tags, job_type=job_type
+        kind=kind, run_dir=run_dir, config=config, project=project, name=name, group=group, tags=tags, job_type=job_type,
+        resume=resume,
     )
 
 

@@ -215,6 +215,11 @@ class PKLog:
         return out
 
 
+def loader_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's loader generator (its workers' torch seeds): fixed by (seed, epoch)."""
+    return (int(seed) * 1_000_003 + int(epoch)) % (1 << 63)
+
+
 def make_loader(stream: ShardStream, *, num_workers: int = 2, epoch: int = 0):
     """A WebLoader over ``stream`` for one epoch.
 
@@ -234,6 +239,10 @@ def make_loader(stream: ShardStream, *, num_workers: int = 2, epoch: int = 0):
         num_workers=num_workers,
         persistent_workers=False,  # workers must see the new epoch
         prefetch_factor=4 if num_workers > 0 else None,
+        # Each iterator draws its workers' base seed from this generator, not from torch's
+        # global RNG: a loader started on resume would otherwise shift every later random
+        # draw (augmentation) and a resumed run would diverge from the uninterrupted one.
+        generator=torch.Generator().manual_seed(loader_seed(stream.seed, epoch)),
     )
     if stream.mode == "train":
         loader = loader.with_epoch(nbatches=stream.steps_per_epoch())

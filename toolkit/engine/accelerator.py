@@ -38,7 +38,8 @@ def make_accelerator(*, precision: str = "auto", collective_timeout_s: float = 6
     )
 
 
-def start_tracker(accelerator, *, kind: str, run_dir, config: dict, project: str, name: str | None, job_type: str):
+def start_tracker(accelerator, *, kind: str, run_dir, config: dict, project: str, name: str | None, job_type: str,
+                  resume: bool = False):
     """The run's tracker: real on rank 0, a no-op elsewhere (only rank 0 may call wandb.init).
 
     config.yaml gets exactly the resolved config (so `--config RUN/config.yaml` reruns it);
@@ -52,7 +53,7 @@ def start_tracker(accelerator, *, kind: str, run_dir, config: dict, project: str
     os.environ.setdefault("WANDB_DATA_DIR", str(Path(run_dir) / WANDB_DATA_DIR))  # offline artifacts stay in the run
     tracker = make_tracker(
         enabled=accelerator.is_main_process, kind=kind, run_dir=run_dir,
-        config=config, project=project, name=name, job_type=job_type,
+        config=config, project=project, name=name, job_type=job_type, resume=resume,
     )
     tracker.summary({"world_size": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision})
     return tracker

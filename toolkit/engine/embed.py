@@ -22,11 +22,12 @@ import torch
 
 from toolkit.artifacts import CHECKPOINTS_DIR, EMBEDDER_FILE, EmbedderArtifact, run_outputs_in
 from toolkit.checkpoint import CheckpointManager, capture_rng, restore_rng
-from toolkit.files import atomic_torch_save
+from toolkit.files import atomic_torch_save, safe_load
 from toolkit.config import LOWER_IS_BETTER, EmbedConfig
-from toolkit.errors import ConfigError, NonFiniteLossError
+from toolkit.errors import CheckpointError, ConfigError, NonFiniteLossError
 from toolkit.data.shards import ShardInfo, read_info
 from toolkit.distributed import all_gather_object, any_rank, buffers_from_main, float_from_main, from_main
+from toolkit.data.batching import PK_MAX_FIELDS
 from toolkit.data.stream import ShardStream, make_loader
 from toolkit.data.transforms import random_affine, to_model_input
 from toolkit.evaluation import embed_split, gather_to_main, sharded_val_metrics, split_retrieval, split_roles, warn_missing
@@ -98,6 +99,29 @@ def total_skips(stream: ShardStream, accelerator) -> dict[str, int]:
     return dict(zip(counts, total.tolist()))
 
 
+def total_pk_stats(stream: ShardStream, accelerator) -> dict[str, int]:
+    """What the P×K batchers did since the loader started, over loader workers and ranks (a
+    collective, like :func:`total_skips`): counts summed; ``peak_buffered``, ``bound`` and
+    ``passes`` the largest of any loader slot. Empty for random batches."""
+    if stream.batching != "pk":
+        return {}
+    counts = stream.pk_stats()
+    rows = accelerator.gather(torch.tensor([list(counts.values())], dtype=torch.int64, device=accelerator.device)).cpu()
+    return {name: int(rows[:, j].max() if name in PK_MAX_FIELDS else rows[:, j].sum()) for j, name in enumerate(counts)}
+
+
+def report_pk_stats(epoch: int, step: int, pk: dict[str, int], totals: dict[str, int], *, tracker) -> None:
+    """One metrics record per epoch of what the P×K batchers deferred, padded and buffered; ``totals`` accumulates."""
+    if not pk:
+        return
+    for name in ("received", "emitted", "padded", "deferred", "duplicates"):
+        totals[name] = totals.get(name, 0) + pk[name]
+    for name in PK_MAX_FIELDS:
+        totals[name] = max(totals.get(name, 0), pk[name])
+    tracker.log({f"data/pk_{name}": pk[name] for name in ("deferred", "padded", "peak_buffered", "passes")}
+                | {"data/pk_bound": pk["bound"], "epoch": epoch}, step=step)
+
+
 def report_skips(epoch: int, step: int, skips: dict[str, int], totals: dict[str, int], *, accelerator, tracker) -> None:
     """One line (rank 0) and one metrics record for an epoch that skipped data; ``totals`` accumulates."""
     for kind, n in skips.items():
@@ -150,9 +174,11 @@ class TrainState:
     # but one that moved since (a validation raised `best`, a batch was skipped) is. The
     # clock alone moving is not a new state.
     saved: dict | None = field(default=None, repr=False, compare=False)
+    # Resumed: the metrics.jsonl records the checkpoint was written after (None: not recorded).
+    metrics_records: int | None = field(default=None, repr=False, compare=False)
 
     def state_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "saved"}
+        return {k: v for k, v in asdict(self).items() if k not in ("saved", "metrics_records")}
 
     def position(self) -> dict:
         """:meth:`state_dict` without the clock: what decides whether a checkpoint is new."""
@@ -211,23 +237,96 @@ class Budget:
         return min(1.0, self.elapsed / self.seconds) if self.seconds else 0.0
 
 
-def resume(ckpts: CheckpointManager, state: TrainState, *, model, optimizer, scheduler, scaler, rank: int) -> bool:
-    """Load the newest loadable checkpoint into the objects and ``state``; False when there is none."""
-    saved = ckpts.load_latest()
-    if saved is None:
+# Config keys a resumed run may change: budgets and bookkeeping. Any other difference from the
+# checkpoint's config (data, model, loss, optimiser, batching, workers, seed, precision,
+# selection) would make the continued run a different one, so resume refuses it.
+RESUME_MAY_CHANGE = frozenset({
+    "epochs", "max_steps", "max_minutes", "val_every", "ckpt_every", "keep_last", "resume", "overwrite", "run_dir",
+    "shards", "tracker", "project", "name", "log_every", "collective_timeout_s", "progress", "eval_batch_size",
+    "strict_data", "on_nonfinite",
+})
+
+
+def resume_mismatch(saved: dict, cfg: EmbedConfig, world: int) -> str:
+    """Why ``saved`` cannot continue as this run ('' when it can): world size, then config keys."""
+    step = saved.get("step")
+    rngs = saved.get("rng")
+    written_by = len(rngs) if isinstance(rngs, list) else None
+    if written_by is not None and written_by != world:
+        return (f"the checkpoint of step {step} was written by {written_by} processes, this run has {world}: resume "
+                f"with num_processes={written_by} (each rank's data share and random state depend on it)")
+    old = saved.get("config") if isinstance(saved.get("config"), dict) else {}
+    now = asdict(cfg)
+    changed = [k for k in now if k in old and k not in RESUME_MAY_CHANGE and old[k] != now[k]]
+    if changed:
+        detail = ", ".join(f"{k} {old[k]!r} -> {now[k]!r}" for k in changed[:6]) + (" ..." if len(changed) > 6 else "")
+        return (f"the checkpoint of step {step} was trained with a different config ({detail}): resume with the "
+                f"run's own (--config RUN/config.yaml), or start over with overwrite=true")
+    return ""
+
+
+def best_saved(run_dir: Path, select_by: str) -> tuple[float, float, float] | None:
+    """(score, MAP@R, kNN accuracy) of the run's best_embedder.pt by ``select_by``; None when absent or unreadable."""
+    from toolkit.artifacts import load_artifact
+
+    path = run_dir / EMBEDDER_FILE
+    if not path.is_file():
+        return None
+    try:
+        saved = load_artifact(path)
+    except Exception:  # noqa: BLE001 - an unreadable file is replaced at the next validation, as before
+        return None
+    if not isinstance(saved, EmbedderArtifact):
+        return None
+    m = saved.metrics
+    return selection_score(m, select_by), float(m.get("val/map_at_r", -1.0)), float(m.get("val/knn_accuracy", -1.0))
+
+
+def resume(ckpts: CheckpointManager, state: TrainState, *, model, optimizer, scheduler, accelerator, cfg: EmbedConfig) -> bool:
+    """Continue from the checkpoint rank 0 picks (its newest loadable one), on every rank; False when there is none.
+
+    Rank 0 decides the step and broadcasts it; every rank loads that step's file (a rank
+    whose run folder lacks it, on machines with local folders, cannot silently take another),
+    and checks the world size and the config against the run's. Any rank's problem stops every
+    rank with the same line. A best_embedder.pt saved after the checkpoint (a kill between the
+    two writes) keeps its score as the best, so the resumed run never replaces it with a worse one.
+    """
+    rank, world, device, main = accelerator.process_index, accelerator.num_processes, accelerator.device, accelerator.is_main_process
+    saved = ckpts.load_latest() if main else None
+    step = int(from_main(-1 if saved is None else int(saved.get("step", -1)), device))
+    if step < 0:
         return False
+    problem = ""
+    if not main:
+        path = ckpts.directory / ckpts.filename(step)
+        try:
+            saved = safe_load(path)
+        except CheckpointError as exc:
+            problem = (f"cannot load the checkpoint of step {step} that rank 0 resumes from: {exc}; every rank needs "
+                       "it (a run_dir shared by the machines, or a copy of it on each)")
+    if not problem:
+        problem = resume_mismatch(saved, cfg, world)
+    for r, p in enumerate(all_gather_object(problem)):
+        if p:
+            raise ConfigError(f"resume=true: rank {r}: {p}")
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    if scaler is not None and saved.get("scaler"):
-        scaler.load_state_dict(saved["scaler"])
+    if accelerator.scaler is not None and saved.get("scaler"):
+        accelerator.scaler.load_state_dict(saved["scaler"])
     state.load_state_dict(saved)
-    restore_rng(saved["rng"][rank] if rank < len(saved["rng"]) else saved["rng"][0])
+    records = saved.get("metrics_records")
+    state.metrics_records = records if isinstance(records, int) and not isinstance(records, bool) else None
+    best = best_saved(Path(cfg.run_dir), cfg.select_by) if main else None
+    if best is not None and (best[0], best[1]) > (state.best, state.best_map):
+        state.best, state.best_map, state.best_knn = best
+    state.best, state.best_map, state.best_knn = from_main((state.best, state.best_map, state.best_knn), device)
+    restore_rng(saved["rng"][rank])
     return True
 
 
 def save_checkpoint(ckpts: CheckpointManager, state: TrainState, *, model, optimizer, scheduler, accelerator,
-                    config: dict) -> None:
+                    config: dict, metrics_records: int = 0) -> None:
     """A complete checkpoint of ``state.step`` (rank 0 writes; every rank's RNG goes in). A collective."""
     if state.saved == state.position():
         return  # exactly this state is on disk already (the same on every rank: no rank skips alone)
@@ -238,6 +337,7 @@ def save_checkpoint(ckpts: CheckpointManager, state: TrainState, *, model, optim
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "rng": rngs, **state.state_dict(), "config": config,
+                "metrics_records": int(metrics_records),  # metrics.jsonl records so far: a resume keeps these
             },
             state.step,
         )
@@ -367,8 +467,8 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
     # --- resume, or refuse to start over an earlier run -------------------------------------
     ckpts = CheckpointManager(run_dir / CHECKPOINTS_DIR, keep_last=cfg.keep_last)
     state = TrainState()
-    if cfg.resume and resume(ckpts, state, model=bare, optimizer=optimizer, scheduler=scheduler,
-                             scaler=accelerator.scaler, rank=accelerator.process_index):
+    if cfg.resume and resume(ckpts, state, model=bare, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator, cfg=cfg):
+        tracker.rewind(state.step, state.metrics_records)  # metrics.jsonl: what was logged after the checkpoint goes
         accelerator.print(f"resumed from step {state.step} (epoch {state.epoch}, batch {state.epoch_step}) in {run_dir}")
     elif cfg.resume:
         accelerator.print(f"--resume: no checkpoint in {run_dir / CHECKPOINTS_DIR}, starting fresh")
@@ -379,7 +479,7 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
     def save() -> None:  # a collective (save_checkpoint): every rank calls it at the same points
         state.seconds = budget.tick(device)  # validations included
         save_checkpoint(ckpts, state, model=bare, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator,
-                        config=asdict(cfg))
+                        config=asdict(cfg), metrics_records=tracker.records)
 
     # --- train: epochs of exactly steps_per_epoch batches on every rank -----------------------
     start = time.time()
@@ -387,6 +487,7 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
     bar = progress(total=budget.total_steps or None, initial=state.step, desc="embed", enabled=main and cfg.progress, unit="step")
     images_seen, t_log, skipped_steps = 0, time.time(), 0
     skipped_data: dict[str, int] = {}  # samples skipped by the training stream, whole run (summary.json)
+    pk_data: dict[str, int] = {}  # what the P×K batchers deferred, padded, buffered: whole run (summary.json)
     stop = budget.spent(state, device)
     model.train()
     while not stop:
@@ -426,6 +527,7 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
             if budget.spent(state, device):
                 break
         report_skips(state.epoch, state.step, total_skips(stream, accelerator), skipped_data, accelerator=accelerator, tracker=tracker)
+        report_pk_stats(state.epoch, state.step, total_pk_stats(stream, accelerator), pk_data, tracker=tracker)
         epoch_done = state.epoch_step >= steps_per_epoch
         if epoch_done:
             state.epoch, state.epoch_step = state.epoch + 1, 0
@@ -442,6 +544,7 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
         "best_knn_accuracy": state.best_knn, "steps": state.step, "epochs": state.epoch,
         f"best/{cfg.select_by}": best_value(state, cfg.select_by),
         "minutes": (time.time() - start) / 60, "skipped_samples": skipped_data,
+        "pk_batches": pk_data,
     }
     if main:
         tracker.summary(summary)

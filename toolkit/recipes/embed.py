@@ -73,7 +73,7 @@ def train(cfg: EmbedConfig, accelerator, run_dir: Path) -> int:
     # 4. Tracking on rank 0 only (W&B offline unless logged in).
     tracker = start_tracker(
         accelerator, kind=cfg.tracker, run_dir=run_dir, config=to_dict(cfg), project=cfg.project,
-        name=cfg.name, job_type="embed",
+        name=cfg.name, job_type="embed", resume=cfg.resume,
     )
     accelerator.print(
         f"embed: {accelerator.num_processes} process(es) on {accelerator.device.type}, "
