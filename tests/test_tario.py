@@ -5,9 +5,12 @@ is checked against the reference implementation rather than against our own writ
 """
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
+import lzma
 import random
+import re
 import tarfile
 
 import numpy as np
@@ -164,3 +167,265 @@ def test_signed_checksums_of_old_tar_programs_are_accepted():
     signed = sum(b - 256 if b > 127 else b for b in header)
     data[148:156] = b"%06o\0 " % signed
     assert list(iter_tar(io.BytesIO(bytes(data)))) == [("ünï.png", b"x")] == _reference(bytes(data))
+
+
+# --- headers that lie: every one is a TarError naming the shard and the header's offset ---------
+
+
+def _fix_checksum(data: bytearray, at: int) -> None:
+    header = data[at : at + 512]
+    data[at + 148 : at + 156] = b"%06o\0 " % (256 + sum(header[:148]) + sum(header[156:]))
+
+
+def _offsets(data: bytes) -> dict[str, tuple[int, int]]:
+    """name -> (offset of its first header, offset of its data), as tarfile sees them."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return {m.name: (m.offset, m.offset_data) for m in tar.getmembers()}
+
+
+SHARD = "s3://bucket/train-000007.tar"
+SMALL = {"a.png": b"A" * 700, "a.cls": b"1", "b.png": b"B" * 100, "b.cls": b"2"}
+
+
+def _lying_size(field: bytes) -> tuple[bytes, int]:
+    """A GNU archive whose 'a.cls' header carries ``field`` as its size (checksum made right)."""
+    data = bytearray(_tar(tarfile.GNU_FORMAT, SMALL, extras=False))
+    at = _offsets(bytes(data))["a.cls"][0]
+    data[at + 124 : at + 136] = field
+    _fix_checksum(data, at)
+    return bytes(data), at
+
+
+@pytest.mark.parametrize("field, message", [
+    (b"\xff" + (2**88 - 512).to_bytes(11, "big"), r"negative size -512"),  # GNU base-256, sign bit set
+    (b"\xff" * 12, r"negative size -1"),
+    (b"-0000001000\0", r"size field b'-0000001000\\x00' is not a number"),
+    (b"+0000001000\0", r"size field .* is not a number"),  # tarfile takes it; we take only octal digits
+    (b"0000000008\0\0", r"size field .* is not a number"),
+    (b"12 34\0\0\0\0\0\0\0", r"size field .* is not a number"),
+])
+def test_negative_and_garbage_sizes_are_errors(field, message):
+    data, at = _lying_size(field)
+    with pytest.raises(TarError, match=rf"invalid tar header \({message}\) at byte {at} in {re.escape(SHARD)}$"):
+        list(iter_tar(io.BytesIO(data), url=SHARD))
+
+
+@pytest.mark.parametrize("how", ["bytesio", "file", "pipe", "gzip"])
+@pytest.mark.parametrize("field", [b"\x80" + (2**80).to_bytes(11, "big"), b"77777777777\0"], ids=["base256", "octal"])
+def test_a_size_past_the_end_of_the_file_is_an_error_not_a_short_read(tmp_path, how, field):
+    data, at = _lying_size(field)
+    size = 2**80 if field[0] == 0x80 else 8**11 - 1
+    if how == "gzip":
+        data = gzip.compress(data)
+    path = tmp_path / "lying.tar"
+    path.write_bytes(data)
+
+    class Pipe:  # read() only, short reads: the size cannot be known up front
+        def __init__(self, b):
+            self.f = io.BytesIO(b)
+
+        def read(self, n=-1):
+            return self.f.read(n if n < 0 else min(n, 4096))
+
+    with open(path, "rb") as f:
+        stream = {"bytesio": io.BytesIO(data), "file": f, "pipe": Pipe(data), "gzip": io.BytesIO(data)}[how]
+        # the rest of the shard would be swallowed into a.cls: every byte up to the end is there
+        got = len(_tar(tarfile.GNU_FORMAT, SMALL, extras=False)) - at - 512
+        with pytest.raises(TarError, match=rf"truncated tar: member 'a.cls' at byte {at} has {got} of {size} bytes"):
+            list(iter_tar(stream))
+
+
+def test_errors_name_the_shard_from_url_or_the_file_name(tmp_path):
+    data, at = _lying_size(b"\xff" * 12)
+    path = tmp_path / "named-000003.tar"
+    path.write_bytes(data)
+    with open(path, "rb") as f, pytest.raises(TarError, match=rf"at byte {at} in {re.escape(str(path))}$"):
+        list(iter_tar(f))
+    with open(path, "rb") as f, pytest.raises(TarError, match=rf"at byte {at} in {re.escape(SHARD)}$"):
+        list(iter_tar(f, url=SHARD))
+
+
+def _with_pax(records: dict[str, str], name: str = "p.png", payload: bytes = b"12345") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo(name)
+        info.size, info.pax_headers = len(payload), records
+        tar.addfile(info, io.BytesIO(payload))
+        info = tarfile.TarInfo("q.cls")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"7"))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("value", ["-5", "abc", "", "+5", " 5", "1_0", "٣"])
+def test_pax_sizes_that_are_not_plain_decimals_are_errors(value):
+    data = _with_pax({"size": value})
+    with pytest.raises(TarError, match=r"invalid tar header \(pax size record .* is not a non-negative decimal number\) "
+                                       r"at byte 0 in x.tar|not a tar archive at byte 0 \(pax size record"):
+        list(iter_tar(io.BytesIO(data), url="x.tar"))
+
+
+def test_pax_size_and_path_records_are_honoured_as_tarfile_does():
+    data = _with_pax({"size": "5", "path": "renamed/p.png/"}, payload=b"12345")
+    assert list(iter_tar(io.BytesIO(data))) == [("renamed/p.png", b"12345"), ("q.cls", b"7")] == _reference(data)
+
+
+@pytest.mark.parametrize("damage", ["plus_65521", "sum_moved_by_65521", "signed_counting_the_field"])
+def test_checksums_that_a_fast_modular_check_would_pass_are_errors(damage):
+    data = bytearray(_tar(tarfile.GNU_FORMAT, SMALL, extras=False))
+    at = _offsets(bytes(data))["b.png"][0]
+    header = data[at : at + 512]
+    true = 256 + sum(header[:148]) + sum(header[156:])
+    if damage == "plus_65521":  # the stored sum is off by the modulus of adler32's low half
+        data[at + 148 : at + 156] = b"%06o\0 " % (true + 65521)
+    elif damage == "sum_moved_by_65521":  # damage that moves the byte sum by exactly 65521
+        data[at + 345 : at + 500] = b"\xff" * 155  # 155 NULs (prefix field) -> 0xff: +39525
+        data[at + 157 : at + 257] = b"\xff" * 100  # linkname: +25500
+        data[at + 265 : at + 267] = b"\xf8\xf8"  # uname's trailing NULs: +496; 39525 + 25500 + 496 = 65521
+        assert 256 + sum(data[at : at + 148]) + sum(data[at + 156 : at + 512]) == true + 65521
+    else:  # a "signed" sum that also counts the high bytes of the checksum field itself
+        fields = [b"\x80" + (true - 256 * h).to_bytes(7, "big") for h in range(1, 8)]
+        data[at + 148 : at + 156] = next(f for h, f in enumerate(fields, 1) if sum(b > 127 for b in f) == h)
+    with pytest.raises(TarError, match=rf"invalid tar header \(bad checksum\) at byte {at}"):
+        list(iter_tar(io.BytesIO(bytes(data))))
+    assert [n for n, _ in _reference(bytes(data))] == ["a.png", "a.cls"]  # tarfile: a shorter shard, no error
+
+
+def test_a_base256_checksum_is_accepted_like_tarfile_does():
+    data = bytearray(_tar(tarfile.GNU_FORMAT, {"x.png": b"x"}, extras=False))
+    data[148:156] = b" " * 8
+    data[148:156] = b"\x80" + (sum(data[:512])).to_bytes(7, "big")
+    assert list(iter_tar(io.BytesIO(bytes(data)))) == [("x.png", b"x")] == _reference(bytes(data))
+
+
+@pytest.mark.parametrize("field, lo, hi", [("mode", 100, 108), ("uid", 108, 116), ("mtime", 136, 148),
+                                           ("devmajor", 329, 337)])
+def test_other_numeric_fields_must_be_numbers_too(field, lo, hi):
+    # tarfile stops at such a header without a word: a silently shorter shard
+    data = bytearray(_tar(tarfile.GNU_FORMAT, SMALL, extras=False))
+    at = _offsets(bytes(data))["b.png"][0]
+    data[at + lo : at + hi] = b"12x45\0\0\0"[: hi - lo].ljust(hi - lo, b"\0")
+    _fix_checksum(data, at)
+    assert [n for n, _ in _reference(bytes(data))] == ["a.png", "a.cls"]
+    with pytest.raises(TarError, match=rf"invalid tar header \({field} field .* is not a number\) at byte {at}"):
+        list(iter_tar(io.BytesIO(bytes(data))))
+
+
+def test_padding_cut_short_is_an_error():
+    data = _tar(tarfile.GNU_FORMAT, {"a.png": b"A" * 700}, extras=False)
+    data = data[: 512 + 700 + 10]  # the data is all there, its padding to 1024 is not
+    with pytest.raises(TarError, match=r"member 'a.png' at byte 0 has its 700 bytes but only 10 of 324 padding bytes"):
+        list(iter_tar(io.BytesIO(data)))
+    with pytest.raises(tarfile.ReadError):  # tarfile raises too (after yielding it)
+        _reference(data)
+
+
+@pytest.mark.parametrize("fmt, what", [(tarfile.GNU_FORMAT, "GNU long name"), (tarfile.PAX_FORMAT, "pax extended")])
+def test_metadata_that_no_member_follows_is_an_error(fmt, what):
+    data = _tar(fmt, {"ok.cls": b"1", LONG: b"long"}, extras=False)
+    meta = _offsets(data)[LONG][0]
+    for cut in (data[: meta + 1024], data[: meta + 1024] + b"\0" * 1024):  # at the end of the data / at the end marker
+        with pytest.raises(TarError, match=rf"truncated tar: {what} header at byte {meta} is not followed by a member"):
+            list(iter_tar(io.BytesIO(cut)))
+        with pytest.raises(tarfile.ReadError):
+            _reference(cut)
+
+
+def test_the_earliest_long_name_wins_as_in_tarfile():
+    first = _tar(tarfile.GNU_FORMAT, {"x" * 120 + ".png": b"1"}, extras=False)
+    second = _tar(tarfile.GNU_FORMAT, {"y" * 120 + ".png": b"1"}, extras=False)
+    data = first[:1024] + second  # L(x...), L(y...), header: tarfile names it x...
+    assert list(iter_tar(io.BytesIO(data))) == _reference(data) == [("x" * 120 + ".png", b"1")]
+
+
+def test_sparse_members_and_global_pax_names_are_refused():
+    data = bytearray(_tar(tarfile.GNU_FORMAT, SMALL, extras=False))
+    at = _offsets(bytes(data))["a.cls"][0]
+    data[at + 156] = ord("S")
+    _fix_checksum(data, at)
+    with pytest.raises(TarError, match=rf"unsupported GNU sparse member\) at byte {at}"):
+        list(iter_tar(io.BytesIO(bytes(data))))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"path": "all.png"}) as tar:
+        tar.addfile(tarfile.TarInfo("a.cls"), io.BytesIO(b""))
+    assert [n for n, _ in _reference(buf.getvalue())] == ["all.png"]  # tarfile renames every member
+    with pytest.raises(TarError, match=r"pax global header sets 'path'"):
+        list(iter_tar(io.BytesIO(buf.getvalue())))
+
+
+def test_global_pax_comments_as_git_archive_writes_are_fine():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "0123abcd"}) as tar:
+        for name, data in SMALL.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert list(iter_tar(io.BytesIO(buf.getvalue()))) == list(SMALL.items()) == _reference(buf.getvalue())
+
+
+def test_a_first_member_named_like_a_bzip2_magic_is_a_plain_tar():
+    data = _tar(tarfile.USTAR_FORMAT, {"BZh91.png": b"1", "BZh91.cls": b"2"}, extras=False)
+    assert list(iter_tar(io.BytesIO(data))) == [("BZh91.png", b"1"), ("BZh91.cls", b"2")] == _reference(data)
+
+
+@pytest.mark.parametrize("codec", [gzip.compress, bz2.compress, lzma.compress], ids=["gzip", "bzip2", "xz"])
+def test_damaged_compressed_data_is_a_tar_error(codec):
+    packed = codec(_tar(tarfile.GNU_FORMAT, SMALL, extras=False))
+    # (a stream cut only in its trailer is read whole: the end-of-archive blocks come first)
+    for damaged in (packed[: len(packed) // 2], packed[:12] + bytes(64) + packed[76:]):
+        with pytest.raises(TarError, match=r"(damaged (gzip|bzip2|xz) data after byte \d+ of the tar stream in x.tar"
+                                           r"|not a tar archive at byte 0|invalid tar header|truncated tar)"):
+            list(iter_tar(io.BytesIO(damaged), url="x.tar"))
+
+
+# --- streams are closed --------------------------------------------------------------------
+
+
+class _Tracked(io.BytesIO):
+    def __init__(self, data):
+        super().__init__(data)
+        self.closed_by_reader = False
+
+    def close(self):
+        self.closed_by_reader = True
+        super().close()
+
+
+def test_the_pipeline_stage_closes_every_stream_read_damaged_or_abandoned():
+    from toolkit.data.tario import tar_expander
+
+    good = _tar(tarfile.USTAR_FORMAT, {"k1.png": b"1", "k1.cls": b"0"}, extras=False)
+    streams = [_Tracked(good), _Tracked(good[:1100]), _Tracked(good)]
+    errors = []
+    out = list(tar_expander(iter({"url": f"u{i}", "stream": s} for i, s in enumerate(streams)),
+                            lambda e: errors.append(e) or True))
+    assert [s.closed_by_reader for s in streams] == [True, True, True]
+    assert len(errors) == 1 and len([o for o in out if o]) == 5
+    # abandoned in the middle of a shard (a loader cut mid-epoch): closed when the generator is
+    abandoned = _Tracked(good)
+    stage = tar_expander(iter([{"url": "u", "stream": abandoned}]), lambda e: True)
+    next(stage)
+    stage.close()
+    assert abandoned.closed_by_reader
+    # iter_tar itself leaves a caller's stream open: it is the caller's (gallery.py uses `with open`)
+    mine = _Tracked(good)
+    list(iter_tar(mine))
+    assert not mine.closed_by_reader
+
+
+def test_reading_shard_files_leaves_no_unclosed_file(tmp_path):
+    import gc
+    import warnings
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"s{i}.tar")
+        paths[-1].write_bytes(_tar(tarfile.USTAR_FORMAT, {f"k{i}.png": b"1", f"k{i}.cls": b"0"}, extras=False))
+    paths[1].write_bytes(paths[1].read_bytes()[:1100])  # a damaged one: cut in the second header
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        samples = tar_samples(iter([{"url": str(p)} for p in paths]), handler=lambda e: True)
+        assert len([s for s in samples if "png" in s]) == 3
+        del samples
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
