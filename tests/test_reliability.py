@@ -243,6 +243,40 @@ def test_stuck_rank_makes_survivor_fail_after_collective_timeout(tmp_path, shard
     assert 'embed.py", line' not in out, "no traceback from the rank, only the launcher's own report"
 
 
+@pytest.mark.slow
+def test_sigterm_to_a_rank_blocked_in_a_collective_exits_within_the_grace_time(tmp_path, shards):
+    """Rank 1 frozen, rank 0 waiting for it inside a gloo collective (C++, where Python runs no
+    signal handler): SIGTERM to rank 0 must end it within TERM_GRACE_S, not collective_timeout_s."""
+    from toolkit.engine.failures import TERM_GRACE_S
+
+    timeout_s = 120
+    config = write_config(tmp_path / "run.yaml", shards, epochs=100, max_steps=400, ckpt_every=2, val_every=100,
+                          collective_timeout_s=timeout_s)
+    run_dir, port = tmp_path / "run", free_port()
+    logs = [tmp_path / "machine0.log", tmp_path / "machine1.log"]
+    procs = [launch_two(config, f"run_dir={run_dir}", log=logs[r], machine_rank=r, port=port) for r in (0, 1)]
+    try:
+        wait_for_checkpoint(run_dir, procs, logs[0])
+        rank_process(procs[1], 1).suspend()  # rank 0 is soon blocked in the next collective
+        time.sleep(2)
+        rank_process(procs[0], 0).send_signal(signal.SIGTERM)
+        sent = time.time()
+        try:
+            procs[0].wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"rank 0 still running {timeout_s} s after SIGTERM:\n{logs[0].read_text()[-4000:]}")
+        elapsed = time.time() - sent
+    finally:
+        for p in procs:
+            kill_tree(p)
+    out = logs[0].read_text()
+    assert elapsed < TERM_GRACE_S + 10, (elapsed, out[-3000:])
+    lines = error_lines(out)
+    assert len(lines) == 1, out[-4000:]
+    assert lines[0].startswith("error: rank 0: stopped by SIGTERM during training ("), lines[0]
+    assert "resume with resume=true (the process was blocked for 5 s, in a collective or a read)" in lines[0], lines[0]
+
+
 def test_sigterm_mid_training_is_one_line_naming_the_checkpoint(tmp_path, shards):
     """What the launcher (or a scheduler) does to survivors: SIGTERM to the process group, a
     loader worker included. Python's default would end the run without a word."""

@@ -11,7 +11,10 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 from toolkit.artifacts import CHECKPOINTS_DIR, LATEST_FILE
@@ -22,9 +25,10 @@ class Terminated(Exception):
     """SIGTERM arrived: from a scheduler, or from the launcher stopping every process once one has failed."""
 
 
-def sigterm_raises(main_pid: int):
+def sigterm_raises(main_pid: int, heard: threading.Event | None = None):
     """A SIGTERM handler raising Terminated in ``main_pid``. Python's default action ends the
-    process without a word; as an exception it unwinds (tracker closed) and main() says why."""
+    process without a word; as an exception it unwinds (tracker closed) and main() says why.
+    ``heard`` is set when it runs: the main thread was free to handle the signal itself."""
 
     def handler(signum, frame):
         if os.getpid() != main_pid:
@@ -37,6 +41,8 @@ def sigterm_raises(main_pid: int):
         # unwinding and print a traceback after our line. Stopping anyway: stop listening (a no-op
         # handler, not SIG_DFL: a SIGCHLD already pending would report a "race condition").
         signal.signal(signal.SIGCHLD, lambda *_: None)
+        if heard is not None:
+            heard.set()
         raise Terminated()
 
     return handler
@@ -102,6 +108,10 @@ def failure_line(exc: BaseException, *, rank: int, world: int, run_dir: Path) ->
     return None
 
 
+# After a SIGTERM, a rank blocked in C++ (a collective, a read) is ended this many seconds later.
+TERM_GRACE_S = 5.0
+
+
 class FailureReport:
     """The failure handling of a launch script, as one ``with`` block around training.
 
@@ -116,17 +126,79 @@ class FailureReport:
             return failed.exit_code
     """
 
-    def __init__(self, *, rank: int, world: int, run_dir: Path):
+    def __init__(self, *, rank: int, world: int, run_dir: Path, grace_s: float = TERM_GRACE_S):
         self.rank, self.world, self.run_dir = rank, world, Path(run_dir)
         self.exit_code: int | None = None
+        self.grace_s = grace_s
         self._old_sigterm = None
+        self._old_wakeup = -1
+        self._wakeup: tuple[socket.socket, socket.socket] | None = None
+        self._done = threading.Event()  # the block ended
+        self._heard = threading.Event()  # the Python-level handler ran: the main thread is unwinding
 
     def __enter__(self) -> "FailureReport":
         if main_thread():  # signal.signal works only there
-            self._old_sigterm = signal.signal(signal.SIGTERM, sigterm_raises(os.getpid()))
+            self._old_sigterm = signal.signal(signal.SIGTERM, sigterm_raises(os.getpid(), self._heard))
+            self._watch_sigterm()
         return self
 
+    def _watch_sigterm(self) -> None:
+        """Exit within ``grace_s`` of a SIGTERM even while the main thread is blocked in C++.
+
+        Python runs a signal handler only between bytecodes, so a rank waiting in a collective
+        (a peer stopped, a rank-0-only step) would hear SIGTERM only when collective_timeout_s
+        ran out. The C-level handler still writes the signal number to the wakeup fd: a
+        watcher thread reads it and, if the Python-level handler has not run within
+        ``grace_s`` (the main thread is blocked), prints the same one line and ends the process
+        with status 143.
+        """
+        try:
+            r, w = socket.socketpair()
+            w.setblocking(False)
+            self._old_wakeup = signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+        except (OSError, ValueError):
+            return
+        self._wakeup = (r, w)
+        pid = os.getpid()
+
+        def watch() -> None:
+            while True:
+                try:
+                    data = r.recv(64)
+                except OSError:
+                    return
+                if not data or self._done.is_set():
+                    return
+                if signal.SIGTERM in data and os.getpid() == pid:
+                    deadline = time.monotonic() + self.grace_s
+                    while time.monotonic() < deadline and not (self._done.is_set() or self._heard.is_set()):
+                        time.sleep(0.05)
+                    if self._done.is_set() or self._heard.is_set():
+                        return  # the main thread heard it and unwinds (however long that takes)
+                    _, line = failure_line(Terminated(), rank=self.rank, world=self.world, run_dir=self.run_dir)
+                    print(f"{line} (the process was blocked for {self.grace_s:g} s, in a collective or a read)",
+                          file=sys.stderr, flush=True)
+                    os._exit(128 + signal.SIGTERM)
+
+        threading.Thread(target=watch, name="sigterm-watch", daemon=True).start()
+
+    def _stop_watching(self) -> None:
+        self._done.set()
+        if self._wakeup is not None:
+            try:
+                signal.set_wakeup_fd(self._old_wakeup)
+            except (OSError, ValueError):
+                pass
+            r, w = self._wakeup
+            self._wakeup = None
+            try:
+                w.send(b"\0")  # wake the watcher: it sees _done and returns
+            except OSError:
+                pass
+            w.close()
+
     def __exit__(self, exc_type, exc, tb) -> bool:
+        self._stop_watching()
         try:
             if exc is None or not isinstance(exc, Exception):
                 return False  # success, or KeyboardInterrupt/SystemExit: not ours to report
