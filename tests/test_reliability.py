@@ -64,7 +64,7 @@ def env(**extra) -> dict:
 
 
 def launch_two(config: Path, *overrides, log: Path, machine_rank: int | None = None, port: int | None = None,
-               extra_env: dict | None = None) -> subprocess.Popen:
+               extra_env: dict | None = None, script: tuple = (LAUNCH,)) -> subprocess.Popen:
     """The README's two-process gloo launch. With ``machine_rank``: one process on each of two
     "machines" (two launchers on localhost), so no launcher kills the survivor for us."""
     machines = ["--num_machines", "1"] if machine_rank is None else [
@@ -72,7 +72,7 @@ def launch_two(config: Path, *overrides, log: Path, machine_rank: int | None = N
     cmd = [
         ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", *machines, "--mixed_precision", "no",
         "--dynamo_backend", "no", "--main_process_port", str(port or free_port()),
-        str(LAUNCH), "--config", str(config), *map(str, overrides),
+        *map(str, script), "--config", str(config), *map(str, overrides),
     ]
     with open(log, "w") as f:  # a file, not a pipe: a full pipe would stall the ranks
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env(ACCELERATE_USE_CPU="1", **(extra_env or {})),
@@ -275,6 +275,20 @@ def test_sigterm_to_a_rank_blocked_in_a_collective_exits_within_the_grace_time(t
     assert len(lines) == 1, out[-4000:]
     assert lines[0].startswith("error: rank 0: stopped by SIGTERM during training ("), lines[0]
     assert "resume with resume=true (the process was blocked for 5 s, in a collective or a read)" in lines[0], lines[0]
+
+
+@pytest.mark.slow
+def test_ranks_waiting_for_rank_0s_part_of_validation_are_not_killed_by_the_collective_timeout(tmp_path, shards):
+    """Rank 0 alone saves the best embedder (a large index, a slow disk) for longer than
+    collective_timeout_s: the others wait with validation_timeout_s and the run completes."""
+    config = write_config(tmp_path / "run.yaml", shards, epochs=2, max_steps=0, val_every=1, collective_timeout_s=8,
+                          validation_timeout_s=120)
+    log = tmp_path / "run.log"
+    proc = launch_two(config, f"run_dir={tmp_path / 'run'}", log=log, script=(SCRIPTS / "slow_rank0_save.py", 12))
+    out = finish(proc, log, timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, out[-4000:]
+    assert not error_lines(out), out[-3000:]
+    assert "best kNN val accuracy" in out, out[-3000:]
 
 
 def test_sigterm_mid_training_is_one_line_naming_the_checkpoint(tmp_path, shards):
@@ -625,6 +639,30 @@ class _RunsCode:
 
     def __reduce__(self):
         return (exec, (f"open({str(self.marker)!r}, 'w').write('code ran')",))
+
+
+def test_checkpoint_that_decompresses_past_the_limit_is_refused_unread(tmp_path):
+    """A zip bomb named like a checkpoint: deflated members far larger than the file."""
+    import resource
+    import zipfile
+
+    real = tmp_path / "real.pt"
+    torch.save({"w": torch.arange(1000.0)}, real)
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(real) as src, zipfile.ZipFile(bomb, "w") as dst:
+        for item in src.infolist():
+            dst.writestr(item, src.read(item))
+        info = zipfile.ZipInfo("real/data/99")
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with dst.open(info, "w") as f:  # 200 MiB of zeros, a MiB at a time: this test's own peak stays low
+            for _ in range(200):
+                f.write(bytes(1 << 20))
+    assert bomb.stat().st_size < (2 << 20)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointError, match=r"bomb.pt: its members expand to 209,7\d\d,\d{3} bytes, more than the limit"):
+        safe_load(bomb)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < (100 << 10), "refused before expanding (KiB)"
+    assert torch.equal(safe_load(real)["w"], torch.arange(1000.0))  # a real checkpoint loads
 
 
 def test_checkpoint_with_code_in_its_pickle_is_refused_and_nothing_runs(tmp_path):

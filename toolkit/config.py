@@ -277,6 +277,7 @@ class EmbedConfig:
     name: Optional[str] = None
     log_every: int = 10
     collective_timeout_s: float = 600.0  # a rank waiting longer than this on the others fails
+    validation_timeout_s: float = 7200.0  # how long the other ranks wait for rank 0's part of a validation (test split, saving the best embedder)
     on_nonfinite: Literal["stop", "skip"] = "stop"  # NaN/inf loss: stop the run, or skip that step
     progress: bool = True
 
@@ -291,6 +292,7 @@ class EmbedConfig:
         "knn_k": at_least(1, _INT32), "eval_batch_size": at_least(1, _INT32), "ckpt_every": at_least(0, _INT32),
         "keep_last": at_least(1, _INT32), "seed": at_least(0, MAX_SEED), "log_every": at_least(1, _INT32),
         "collective_timeout_s": above(0, MAX_COLLECTIVE_TIMEOUT_S), "unknown_fmr": above(0, 0.5),
+        "validation_timeout_s": above(0, MAX_COLLECTIVE_TIMEOUT_S),
     }
 
     def validate(self) -> None:

@@ -74,10 +74,22 @@ def buffers_from_main(module: torch.nn.Module) -> None:
         dist.broadcast(buf.data, src=0)
 
 
-def from_main(obj: Any, device) -> Any:
-    """``obj`` as rank 0 has it, on every rank (the broadcast is also a barrier)."""
+def from_main(obj: Any, device, group=None) -> Any:
+    """``obj`` as rank 0 has it, on every rank (the broadcast is also a barrier). ``group``: a
+    CPU (gloo) group such as :func:`waiting_group`'s, whose timeout then applies."""
     if not is_distributed():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0, device=device)
+    dist.broadcast_object_list(box, src=0, group=group, device=device if group is None else torch.device("cpu"))
     return box[0]
+
+
+def waiting_group(timeout_s: float):
+    """A gloo group of every rank with its own timeout, for the waits on work rank 0 does alone
+    (the default group's timeout, collective_timeout_s, is for ranks in lockstep). A
+    collective: every rank creates it, at the same point. None when not distributed."""
+    if not is_distributed():
+        return None
+    from datetime import timedelta
+
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=float(timeout_s)))

@@ -111,6 +111,34 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None =
 # --------------------------------------------------------------------------- safe loading
 
 
+# torch.save writes a zip whose members are stored, not compressed: a checkpoint expands to
+# about its own size. One that would expand to more than EXPANSION_LIMIT times its size plus
+# EXPANSION_SLACK bytes is refused before torch reads it (a zip bomb would fill the memory).
+EXPANSION_LIMIT = 4
+EXPANSION_SLACK = 64 << 20
+
+
+def check_expansion(path: str | os.PathLike) -> None:
+    """Refuse a zip checkpoint whose members add up to more than the stated limit (one line)."""
+    import zipfile
+
+    path = Path(path)
+    try:
+        if not zipfile.is_zipfile(path):
+            return  # the legacy format is a plain pickle stream: nothing expands
+        with zipfile.ZipFile(path) as z:
+            total = sum(max(0, i.file_size) for i in z.infolist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return  # torch.load names the damage
+    size = path.stat().st_size
+    limit = EXPANSION_LIMIT * size + EXPANSION_SLACK
+    if total > limit:
+        raise CheckpointError(
+            f"{path}: its members expand to {total:,} bytes, more than the limit of {limit:,} "
+            f"({EXPANSION_LIMIT} x its {size:,} bytes + {EXPANSION_SLACK >> 20} MiB): refused unread"
+        )
+
+
 def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """``torch.load(path, weights_only=True)`` with one clear error type for every failure.
 
@@ -120,6 +148,7 @@ def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    check_expansion(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # RuntimeError, UnpicklingError, EOFError, ... depending on the damage

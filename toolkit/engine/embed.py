@@ -26,7 +26,7 @@ from toolkit.files import atomic_torch_save, safe_load
 from toolkit.config import LOWER_IS_BETTER, EmbedConfig
 from toolkit.errors import CheckpointError, ConfigError, NonFiniteLossError
 from toolkit.data.shards import ShardInfo, read_info
-from toolkit.distributed import all_gather_object, any_rank, buffers_from_main, float_from_main, from_main
+from toolkit.distributed import all_gather_object, any_rank, buffers_from_main, float_from_main, from_main, waiting_group
 from toolkit.data.batching import PK_MAX_FIELDS
 from toolkit.data.stream import ShardStream, make_loader
 from toolkit.data.transforms import random_affine, to_model_input
@@ -243,7 +243,7 @@ class Budget:
 RESUME_MAY_CHANGE = frozenset({
     "epochs", "max_steps", "max_minutes", "val_every", "ckpt_every", "keep_last", "resume", "overwrite", "run_dir",
     "shards", "tracker", "project", "name", "log_every", "collective_timeout_s", "progress", "eval_batch_size",
-    "strict_data", "on_nonfinite",
+    "strict_data", "on_nonfinite", "validation_timeout_s", "read_timeout_s",
 })
 
 
@@ -358,7 +358,7 @@ def best_value(state: TrainState, select_by: str) -> float:
     return -state.best if select_by in LOWER_IS_BETTER else state.best
 
 
-def validate(model, state: TrainState, *, cfg: EmbedConfig, info: ShardInfo, accelerator, tracker) -> dict:
+def validate(model, state: TrainState, *, cfg: EmbedConfig, info: ShardInfo, accelerator, tracker, wait=None) -> dict:
     """Every rank embeds its share of train, val (and test); the scoring is sharded; rank 0 keeps the best, logs.
 
     val/: kNN accuracy and ranking metrics of the val queries against the train split, from
@@ -368,7 +368,9 @@ def validate(model, state: TrainState, *, cfg: EmbedConfig, info: ShardInfo, acc
     embedder (by ``select_by``, val MAP@R breaking ties) is saved with the "unknown" distance
     calibrated on val and, with ``save_index`` (the default), the train embeddings as its kNN
     index: the one time they are gathered on rank 0. Returns the metrics on rank 0 (``{}``
-    elsewhere); ``state.best`` moves when it improves.
+    elsewhere); ``state.best`` moves when it improves. ``wait`` (:func:`~toolkit.distributed.waiting_group`):
+    the group the other ranks wait in while rank 0 scores the test split and saves the best
+    embedder, with ``validation_timeout_s`` instead of the lockstep collective timeout.
     """
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     buffers_from_main(model)  # every share embedded by the model rank 0 saves (its BatchNorm statistics)
@@ -401,7 +403,7 @@ def validate(model, state: TrainState, *, cfg: EmbedConfig, info: ShardInfo, acc
         if improved:
             state.best, state.best_map, state.best_knn = score, metrics["val/map_at_r"], metrics["val/knn_accuracy"]
     # the saved kNN index is the one place the whole train split meets on rank 0 (save_index)
-    improved = bool(from_main(improved, accelerator.device))
+    improved = bool(from_main(improved, accelerator.device, group=wait))  # the others waited for rank 0's test scoring
     train = gather_to_main(*local["train"]) if improved and cfg.save_index else None
     if main:
         if improved:
@@ -422,7 +424,8 @@ def validate(model, state: TrainState, *, cfg: EmbedConfig, info: ShardInfo, acc
         )
     # Every rank keeps the same TrainState (save_checkpoint decides on it alike); the broadcast
     # is also the barrier that holds the others while rank 0 scores.
-    state.best, state.best_map, state.best_knn = from_main((state.best, state.best_map, state.best_knn), accelerator.device)
+    state.best, state.best_map, state.best_knn = from_main((state.best, state.best_map, state.best_knn), accelerator.device,
+                                                           group=wait)
     return metrics
 
 
@@ -463,6 +466,8 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
         # its unwrap_model keeps the compiled wrapper ("_orig_mod." weight names in checkpoints)
         # and it would compile whatever the Accelerator prepares. `bare` stays eager (validation).
         model = torch.compile(model)
+
+    wait = waiting_group(cfg.validation_timeout_s)  # for rank 0's part of each validation (a collective)
 
     # --- resume, or refuse to start over an earlier run -------------------------------------
     ckpts = CheckpointManager(run_dir / CHECKPOINTS_DIR, keep_last=cfg.keep_last)
@@ -535,7 +540,7 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
         # Validate every val_every epochs and whenever the run stops (mid-epoch too); without
         # ckpt_every a checkpoint goes with each validation, and the last step is always saved.
         if stop or (epoch_done and state.epoch % cfg.val_every == 0):
-            validate(bare, state, cfg=cfg, info=info, accelerator=accelerator, tracker=tracker)
+            validate(bare, state, cfg=cfg, info=info, accelerator=accelerator, tracker=tracker, wait=wait)
             if stop or not cfg.ckpt_every:
                 save()
     bar.close()
