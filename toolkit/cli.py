@@ -380,6 +380,30 @@ def export(run: str, *, out: str, shards: str = "", split: str = "val", device: 
     print(f"exported {n} {split} embeddings: {files['table']} (+ {files['embeddings'].name}, {files['keys'].name}, {files['labels'].name})")
 
 
+def export_model(run: str, *, out: str, format: str = "onnx", shards: str = "", overwrite: bool = False):
+    """Write a trained embedder (and its head) for serving: ONNX, TorchScript or safetensors, with model.json.
+
+    The ONNX and TorchScript graphs take uint8 images (N, C, H, W) at the shard-time size and
+    return L2-normalised embeddings (N, D): the input transform (x/255, (x-0.5)/0.5, resize to
+    the input size) is inside the graph. A classifier run also gets head.* (embeddings ->
+    log-probabilities). model.json records inputs, outputs, the shard-time preprocessing a
+    service must apply to image files, the classes, and each file's sha256. safetensors writes
+    the weights only (rebuild with toolkit.models.build_embedder, as model.json says).
+
+    Args:
+        run: embedding or classifier run folder (or model file).
+        out: output folder (written beside it, moved into place when complete).
+        format: onnx (needs the onnx package: pip install "toolkit[export]"), torchscript or safetensors.
+        shards: shard folder whose preprocessing to record (default: the one the embedder was trained on).
+        overwrite: replace OUT if `toolkit export-model` wrote it (anything else at OUT is refused).
+    """
+    from toolkit.export_model import export_model as write_export
+
+    meta = write_export(run, out, format=format, overwrite=overwrite, shards=shards or None)
+    files = ", ".join(f["file"] for f in meta["files"].values())
+    print(f"exported {meta['format']}: {out}/{{{files}, model.json}}")
+
+
 def index(run: str, gallery: str, *, out: str, split: str = "all", kind: str = "flat", nlist: int = 0, nprobe: int = 16,
           hnsw_m: int = 32, ef_search: int = 128, shards: str = "", device: str = "", workers: int = 0,
           overwrite: bool = False):
@@ -533,7 +557,7 @@ def sweep(
 
 COMMANDS = {
     "shard": shard, "demo": demo, "evaluate": evaluate, "predict": predict, "export": export,
-    "index": index, "index-add": index_add, "search": search, "sweep": sweep, "bench": bench,
+    "export-model": export_model, "index": index, "index-add": index_add, "search": search, "sweep": sweep, "bench": bench,
 }
 
 
