@@ -79,6 +79,13 @@ def launch_two(config: Path, *overrides, log: Path, machine_rank: int | None = N
                                 cwd=log.parent, start_new_session=True)
 
 
+def launch_on_two_machines(config: Path, tmp_path: Path) -> tuple[Path, list[Path], list[subprocess.Popen]]:
+    """One rank on each of two "machines" (two launchers on localhost): (run dir, logs, launchers)."""
+    run_dir, port = tmp_path / "run", free_port()
+    logs = [tmp_path / "machine0.log", tmp_path / "machine1.log"]
+    return run_dir, logs, [launch_two(config, f"run_dir={run_dir}", log=logs[r], machine_rank=r, port=port) for r in (0, 1)]
+
+
 def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
     """The worker process of ``rank`` among the launcher's descendants (torchrun sets RANK)."""
     for p in psutil.Process(launcher.pid).children(recursive=True):
@@ -217,9 +224,7 @@ def test_stuck_rank_makes_survivor_fail_after_collective_timeout(tmp_path, shard
     timeout_s = 15
     config = write_config(tmp_path / "run.yaml", shards, epochs=100, max_steps=400, ckpt_every=2, val_every=100,
                           collective_timeout_s=timeout_s)
-    run_dir, port = tmp_path / "run", free_port()
-    logs = [tmp_path / "machine0.log", tmp_path / "machine1.log"]
-    procs = [launch_two(config, f"run_dir={run_dir}", log=logs[r], machine_rank=r, port=port) for r in (0, 1)]
+    run_dir, logs, procs = launch_on_two_machines(config, tmp_path)
     try:
         wait_for_checkpoint(run_dir, procs, logs[0])
         frozen = rank_process(procs[1], 1)
@@ -252,9 +257,7 @@ def test_sigterm_to_a_rank_blocked_in_a_collective_exits_within_the_grace_time(t
     timeout_s = 120
     config = write_config(tmp_path / "run.yaml", shards, epochs=100, max_steps=400, ckpt_every=2, val_every=100,
                           collective_timeout_s=timeout_s)
-    run_dir, port = tmp_path / "run", free_port()
-    logs = [tmp_path / "machine0.log", tmp_path / "machine1.log"]
-    procs = [launch_two(config, f"run_dir={run_dir}", log=logs[r], machine_rank=r, port=port) for r in (0, 1)]
+    run_dir, logs, procs = launch_on_two_machines(config, tmp_path)
     try:
         wait_for_checkpoint(run_dir, procs, logs[0])
         rank_process(procs[1], 1).suspend()  # rank 0 is soon blocked in the next collective

@@ -42,8 +42,8 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, fields
+from typing import Callable, ClassVar, Iterable, Iterator, Sequence
 
 import torch
 
@@ -154,8 +154,7 @@ class PKStats:
     passes: int = 0
     batches: int = 0
 
-    FIELDS = ("bound", "received", "emitted", "padded", "deferred_leftover", "deferred_full", "deferred_room",
-              "duplicates", "buffered", "peak_buffered", "passes", "batches")
+    FIELDS: ClassVar[tuple[str, ...]] = ()  # set below the class: the counters' names, in order
 
     @property
     def deferred(self) -> int:
@@ -163,6 +162,9 @@ class PKStats:
 
     def values(self) -> list[int]:
         return [getattr(self, f) for f in self.FIELDS]
+
+
+PKStats.FIELDS = tuple(f.name for f in fields(PKStats))  # the counters, in order (one row of PKLog)
 
 
 def pk_batches(
