@@ -50,12 +50,18 @@ PLOTS_DIR = "plots"
 WANDB_DIR = "wandb"
 WANDB_DATA_DIR = "wandb-data"
 WANDB_ID_FILE = "wandb-run-id"  # the W&B run id, so resume=true continues the same run
+METRICS_CSV = "metrics.csv"  # tracker=csv: step,time,key,value rows (metrics.jsonl, long format)
+TENSORBOARD_DIR = "tensorboard"  # tracker=tensorboard: the event files
+MLFLOW_DB = "mlflow.db"  # tracker=mlflow without MLFLOW_TRACKING_URI: a local SQLite store
+MLFLOW_DIR = "mlruns"  # ... and its artifacts
+MLFLOW_ID_FILE = "mlflow-run-id"  # the MLflow run id, so resume=true continues the same run
 LOCK_FILE = ".lock"
 
 # Everything the toolkit writes in a run folder, both stages (what overwrite=true moves aside).
 RUN_OUTPUTS = (
     CHECKPOINTS_DIR, EMBEDDER_FILE, HEAD_FILE, METRICS_FILE, SUMMARY_FILE, CONFIG_FILE, REPORT_JSON,
-    REPORT_MD, PLOTS_DIR, WANDB_DIR, WANDB_DATA_DIR, WANDB_ID_FILE, LOCK_FILE,
+    REPORT_MD, PLOTS_DIR, WANDB_DIR, WANDB_DATA_DIR, WANDB_ID_FILE, METRICS_CSV, TENSORBOARD_DIR, MLFLOW_DB,
+    MLFLOW_DIR, MLFLOW_ID_FILE, LOCK_FILE,
 )
 
 

@@ -188,6 +188,15 @@ def check_ranges(cfg, ranges: dict[str, tuple]) -> None:
             raise ConfigError(f"{name} must be <= {high}, got {value}")
 
 
+def check_tracker_installed(kind: str) -> None:
+    """tracker=tensorboard / mlflow needs its package: one line naming the extra, before any work."""
+    import importlib.util
+
+    module = {"tensorboard": "tensorboard", "mlflow": "mlflow"}.get(kind)
+    if module and importlib.util.find_spec(module) is None:
+        raise ConfigError(f"tracker={kind} needs the {module} package: pip install \"toolkit[{kind}]\" (or pip install {module})")
+
+
 def check_nonempty(cfg, names: Sequence[str]) -> None:
     """Refuse empty (or blank) strings for paths and names that must name something."""
     for name in names:
@@ -201,6 +210,36 @@ def check_nonempty(cfg, names: Sequence[str]) -> None:
 MAX_COLLECTIVE_TIMEOUT_S = 7 * 24 * 3600.0
 # numpy's legacy seeding (accelerate's set_seed) takes 0 <= seed < 2**32.
 MAX_SEED = 2**32 - 1
+
+
+# The embedders toolkit.models builds itself (toolkit.models.ARCHS; a test keeps the two equal,
+# spelled here so that loading a config imports neither torch nor timm).
+BUILTIN_ARCHS = ("zfnet", "resnet18", "resnet34")
+TIMM_PREFIX = "timm:"
+
+
+def _is_timm_model(name: str) -> bool:
+    try:
+        import timm
+    except ImportError:
+        return False
+    return bool(name) and timm.is_model(name)
+
+
+def check_arch(arch: str, *, pretrained: bool = False) -> None:
+    """Refuse, in one line, an ``arch`` no embedder exists for (a timm name is looked up in timm)."""
+    if arch.startswith(TIMM_PREFIX):
+        from toolkit.models import timm_arch_problem  # imports torch and timm: for timm: archs only
+
+        problem = timm_arch_problem(arch[len(TIMM_PREFIX):], pretrained=pretrained)
+        require(problem is None, f"arch: {problem}")
+        return
+    if arch not in BUILTIN_ARCHS:
+        hint = _suggest(arch, BUILTIN_ARCHS)
+        if not hint and _is_timm_model(arch):  # arch=efficientnet_b0 meant timm:efficientnet_b0
+            hint = f" (did you mean {TIMM_PREFIX + arch!r}?)"
+        raise ConfigError(f"arch: {arch!r} is not one of {', '.join(BUILTIN_ARCHS)}, {TIMM_PREFIX}<timm model name>{hint}")
+    require(not pretrained, f"pretrained=true needs a {TIMM_PREFIX}<name> arch: {arch} has no pretrained weights")
 
 
 # --------------------------------------------------------------------------- run configs
@@ -237,7 +276,8 @@ class EmbedConfig:
     strict_data: bool = False  # an unreadable sample or truncated shard stops training (naming the shard) instead of a counted warning + skip
     augment: bool = False  # random rotation ±10°, shift ±10 %, scale 0.9-1.1, done on the device
     # model
-    arch: Literal["zfnet", "resnet18", "resnet34"] = "zfnet"
+    arch: str = "zfnet"  # zfnet (the seed), resnet18, resnet34, or timm:<name>: any timm model (timm:resnet18, timm:efficientnet_b0), checked against timm.list_models()
+    pretrained: bool = False  # timm: archs only: start from timm's pretrained (ImageNet) weights, downloaded on this machine at the start of training; false = random init (the tests)
     embedding_dim: int = 128
     sync_bn: bool = False
     channels_last: bool = False  # NHWC weights and inputs (tensor-core friendly on GPUs); same results
@@ -272,7 +312,7 @@ class EmbedConfig:
     run_dir: str = "runs/embed"
     precision: Precision = "auto"
     seed: int = 0
-    tracker: Literal["wandb", "none"] = "wandb"
+    tracker: Literal["wandb", "tensorboard", "mlflow", "csv", "none"] = "wandb"  # metrics.jsonl always; csv/tensorboard/mlflow local unless configured
     project: str = "metric-toolkit"
     name: Optional[str] = None
     log_every: int = 10
@@ -296,10 +336,12 @@ class EmbedConfig:
     }
 
     def validate(self) -> None:
+        check_tracker_installed(self.tracker)
         check_ranges(self, self.RANGES)
         check_nonempty(self, ("shards", "run_dir", "project", "name"))
         require(self.P * self.K <= self.batch_size, f"P×K = {self.P}×{self.K} = {self.P * self.K} is larger than batch_size={self.batch_size}")
         require(self.epochs > 0 or self.max_steps > 0 or self.max_minutes > 0, "no budget: set epochs, max_steps or max_minutes")
+        check_arch(self.arch, pretrained=self.pretrained)
 
 
 @dataclass
@@ -326,7 +368,7 @@ class ClassifyConfig:
     overwrite: bool = False
     precision: Precision = "auto"
     seed: int = 0
-    tracker: Literal["wandb", "none"] = "wandb"
+    tracker: Literal["wandb", "tensorboard", "mlflow", "csv", "none"] = "wandb"  # metrics.jsonl always; csv/tensorboard/mlflow local unless configured
     project: str = "metric-toolkit"
     name: Optional[str] = None
     log_every: int = 10
@@ -343,6 +385,7 @@ class ClassifyConfig:
     }
 
     def validate(self) -> None:
+        check_tracker_installed(self.tracker)
         check_ranges(self, self.RANGES)
         check_nonempty(self, ("embedder", "shards", "run_dir", "project", "name"))
         require(self.epochs > 0 or self.max_steps > 0, "no budget: set epochs or max_steps")

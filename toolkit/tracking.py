@@ -8,6 +8,11 @@ with ``cat`` and compared without W&B:
     run_dir/summary.json     final numbers (best accuracy, ...)
     run_dir/wandb/           W&B's own folder (offline-run-* or run-*), only for kind="wandb"
     run_dir/wandb-run-id     the W&B run's id: a resumed run (``resume=True``) continues that run
+    run_dir/metrics.csv      kind="csv": the same records as step,time,key,value rows
+    run_dir/tensorboard/     kind="tensorboard": event files (Accelerate's TensorBoardTracker)
+    run_dir/mlflow.db        kind="mlflow": a local MLflow store (SQLite; artifacts in mlruns/)
+                             unless MLFLOW_TRACKING_URI is set
+                             (Accelerate's MLflowTracker; mlflow-run-id: resumed like W&B)
 
 A run killed mid-write leaves a torn last line in metrics.jsonl: opening the file again
 removes it (:func:`repair_metrics`), and a resume drops the records logged after the
@@ -32,7 +37,9 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 from urllib.parse import urlsplit
 
-from toolkit.artifacts import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, WANDB_ID_FILE
+from toolkit.artifacts import (
+    CONFIG_FILE, METRICS_CSV, METRICS_FILE, MLFLOW_DB, MLFLOW_DIR, MLFLOW_ID_FILE, SUMMARY_FILE, TENSORBOARD_DIR, WANDB_ID_FILE,
+)
 from toolkit.files import atomic_write_json, atomic_write_text
 
 __all__ = [
@@ -171,7 +178,7 @@ class Tracker(NullTracker):
     def __init__(
         self,
         *,
-        kind: Literal["wandb", "none"],
+        kind: str,
         run_dir: str | os.PathLike,
         config: dict,
         project: str,
@@ -181,8 +188,8 @@ class Tracker(NullTracker):
         job_type: str | None = None,
         resume: bool = False,
     ):
-        if kind not in ("wandb", "none"):
-            raise ValueError(f"tracker kind must be 'wandb' or 'none', got {kind!r}")
+        if kind not in KINDS:
+            raise ValueError(f"tracker kind must be one of {', '.join(KINDS)}, got {kind!r}")
         import yaml
 
         self.kind = kind
@@ -204,6 +211,42 @@ class Tracker(NullTracker):
             self.mode = wandb_mode()
             self._run = self._init_wandb(project=project, name=name, group=group, tags=tags, job_type=job_type,
                                          resume=resume)
+        self._other = None  # Accelerate's TensorBoardTracker / MLflowTracker
+        if kind in ("tensorboard", "mlflow"):
+            self._other = self._init_accelerate_tracker(kind, project=project, name=name or job_type or "run", resume=resume)
+        if kind == "csv":
+            write_metrics_csv(self.run_dir)  # the records so far (a resumed run), then one row per value
+
+    def _init_accelerate_tracker(self, kind: str, *, project: str, name: str, resume: bool):
+        """Accelerate's own tracker class for ``kind``, writing under the run folder (offline-first)."""
+        module = {"tensorboard": "tensorboard", "mlflow": "mlflow"}[kind]
+        try:
+            __import__(module)
+        except ImportError:
+            from toolkit.errors import ConfigError
+
+            raise ConfigError(f"tracker={kind} needs the {module} package: pip install \"toolkit[{kind}]\" "
+                              f"(or pip install {module})") from None
+        from accelerate.tracking import MLflowTracker, TensorBoardTracker
+
+        if kind == "tensorboard":
+            tracker = TensorBoardTracker(name, self.run_dir / TENSORBOARD_DIR)
+        else:
+            import mlflow
+
+            if not os.environ.get("MLFLOW_TRACKING_URI"):  # offline-first: a store in the run folder
+                mlflow.set_tracking_uri(f"sqlite:///{(self.run_dir / MLFLOW_DB).resolve()}")
+            id_file = self.run_dir / MLFLOW_ID_FILE
+            kept = id_file.read_text(encoding="utf-8", errors="replace").strip() if resume and id_file.is_file() else ""
+            run_id = kept if re.fullmatch(r"[0-9a-f]{32}", kept) else None
+            tracker = MLflowTracker(experiment_name=project, logging_dir=(self.run_dir / MLFLOW_DIR).resolve().as_uri(),
+                                    run_id=run_id, run_name=name)
+        tracker.start()
+        if kind == "mlflow":
+            atomic_write_text(self.run_dir / MLFLOW_ID_FILE, tracker.active_run.info.run_id + "\n")
+        flat = {k: v for k, v in _flatten(self.config).items() if isinstance(v, (int, float, str, bool))}
+        tracker.store_init_configuration(flat)
+        return tracker
 
     def _run_id(self, resume: bool) -> str:
         """The W&B run id: the one kept in the run folder when resuming, else a new one (then kept)."""
@@ -256,6 +299,13 @@ class Tracker(NullTracker):
         self._last_step = step
         if self._run is not None:
             self._run.log({k: _plain(v) for k, v in metrics.items()}, step=step)
+        numbers = {k: v for k, v in record.items() if k not in ("step", "time") and isinstance(v, (int, float))
+                   and not isinstance(v, bool) and math.isfinite(v)}
+        if self._other is not None and numbers:
+            self._other.log(numbers, step=step)
+        if self.kind == "csv":
+            with open(self.run_dir / METRICS_CSV, "a", encoding="utf-8") as f:
+                f.writelines(f"{step},{record['time']:.3f},{_csv_key(k)},{v!r}\n" for k, v in numbers.items())
 
     def summary(self, values: dict) -> None:
         """Merge ``values`` into the run summary (W&B) and rewrite summary.json."""
@@ -317,6 +367,8 @@ class Tracker(NullTracker):
         self.records = len(kept)
         self._metrics = open(path, "a", encoding="utf-8")
         self._last_step = None
+        if self.kind == "csv":
+            write_metrics_csv(self.run_dir)
 
     def finish(self, exit_code: int | None = None) -> None:
         """Close metrics.jsonl and finish the W&B run; safe to call twice."""
@@ -325,10 +377,42 @@ class Tracker(NullTracker):
         if self._run is not None:
             run, self._run = self._run, None
             run.finish(exit_code=exit_code)
+        if self._other is not None:
+            other, self._other = self._other, None
+            other.finish()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         # Mark the W&B run failed when the block raised, so crashed runs are visible in the UI.
         self.finish(exit_code=1 if exc_type is not None else None)
+
+
+KINDS = ("wandb", "tensorboard", "mlflow", "csv", "none")
+CSV_HEADER = "step,time,key,value\n"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _csv_key(key: str) -> str:
+    return '"' + key.replace('"', '""') + '"' if any(c in key for c in ',"\n') else key
+
+
+def write_metrics_csv(run_dir: str | os.PathLike) -> None:
+    """metrics.csv from metrics.jsonl: one step,time,key,value row per finite number (atomic)."""
+    rows = [CSV_HEADER]
+    for r in read_metrics(run_dir):
+        step, t = r.get("step"), r.get("time", 0.0)
+        for k, v in r.items():
+            if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                rows.append(f"{step},{float(t):.3f},{_csv_key(k)},{v!r}\n")
+    atomic_write_text(Path(run_dir) / METRICS_CSV, "".join(rows))
 
 
 RUN_ID = re.compile(r"[a-z0-9]{1,64}")  # a W&B run id (a kept one is untrusted input)
@@ -353,7 +437,7 @@ def repair_metrics(run_dir: str | os.PathLike) -> bool:
 def make_tracker(
     *,
     enabled: bool,
-    kind: Literal["wandb", "none"],
+    kind: str,
     run_dir: str | os.PathLike,
     config: dict,
     project: str,
