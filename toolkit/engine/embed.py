@@ -445,7 +445,8 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
     )
     steps_per_epoch = stream.steps_per_epoch()
     budget = Budget.from_config(cfg, steps_per_epoch)
-    model = build_embedder(arch=cfg.arch, in_channels=in_channels, input_size=cfg.input_size, embedding_dim=cfg.embedding_dim)
+    model = build_embedder(arch=cfg.arch, in_channels=in_channels, input_size=cfg.input_size, embedding_dim=cfg.embedding_dim,
+                           pretrained=cfg.pretrained)  # timm: archs (a resume then loads its checkpoint over them)
     if cfg.sync_bn and device.type == "cpu":
         raise ConfigError("sync_bn=true needs GPUs: torch's SyncBatchNorm does not run on CPU")
     if cfg.sync_bn and world > 1:

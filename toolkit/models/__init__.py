@@ -1,22 +1,27 @@
-"""Embedders (seed ZFNet, ResNet-18/34) and the classifier head, with ``build_*`` factories."""
+"""Embedders (seed ZFNet, ResNet-18/34, any timm model) and the classifier head, with ``build_*`` factories."""
 from __future__ import annotations
 
 from torch import nn
 
 from .heads import ClassifierHead
+from .timm_backbone import PREFIX as TIMM_PREFIX, TimmEmbedder, timm_arch_problem, timm_name
 from .zfnet import ZFNet, ResNetEmbedder, feature_size
 
-ARCHS = ("zfnet", "resnet18", "resnet34")
+ARCHS = ("zfnet", "resnet18", "resnet34")  # built in; "timm:<name>" builds any timm model (TimmEmbedder)
 
 __all__ = [
     "ARCHS",
     "ClassifierHead",
     "ResNetEmbedder",
+    "TIMM_PREFIX",
+    "TimmEmbedder",
     "ZFNet",
     "build_embedder",
     "build_head",
     "count_parameters",
     "feature_size",
+    "timm_arch_problem",
+    "timm_name",
 ]
 
 
@@ -26,15 +31,28 @@ def build_embedder(
     in_channels: int = 1,
     input_size: int = 220,
     embedding_dim: int = 128,
+    pretrained: bool = False,
 ) -> nn.Module:
-    """Embedder mapping (N, in_channels, input_size, input_size) to unit-norm (N, embedding_dim)."""
+    """Embedder mapping (N, in_channels, input_size, input_size) to unit-norm (N, embedding_dim).
+
+    ``arch``: one of :data:`ARCHS`, or ``timm:<name>`` for timm model ``name``. ``pretrained``
+    (timm archs only) downloads timm's weights; rebuilding a saved model leaves it False and
+    loads the saved weights instead.
+    """
+    name = timm_name(arch)
+    if name is not None:
+        return TimmEmbedder(
+            name, in_channels=in_channels, embedding_dim=embedding_dim, input_size=input_size, pretrained=pretrained
+        )
+    if pretrained:
+        raise ValueError(f"pretrained=True needs a {TIMM_PREFIX}<name> arch; {arch!r} is always randomly initialised")
     if arch == "zfnet":
         return ZFNet(in_channels=in_channels, input_size=input_size, embedding_dim=embedding_dim)
     if arch in ResNetEmbedder.ARCHS:
         return ResNetEmbedder(
             arch=arch, in_channels=in_channels, embedding_dim=embedding_dim, input_size=input_size
         )
-    raise ValueError(f"unknown arch {arch!r}; known archs: {', '.join(ARCHS)}")
+    raise ValueError(f"unknown arch {arch!r}; known archs: {', '.join(ARCHS)}, {TIMM_PREFIX}<timm model name>")
 
 
 def build_head(
