@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from toolkit.data.reader import decode_png
-from toolkit.data.tario import iter_tar, tar_samples
+from toolkit.data.tario import MAX_MEMBER_BYTES, iter_tar, tar_samples
 from toolkit.errors import TarError
 
 LONG = "deep/" * 30 + "sample.with.dots.png"  # > 100 characters: needs a long-name header
@@ -211,10 +211,11 @@ def test_negative_and_garbage_sizes_are_errors(field, message):
 
 
 @pytest.mark.parametrize("how", ["bytesio", "file", "pipe", "gzip"])
-@pytest.mark.parametrize("field", [b"\x80" + (2**80).to_bytes(11, "big"), b"77777777777\0"], ids=["base256", "octal"])
+@pytest.mark.parametrize("field", [b"\x80" + (2**80).to_bytes(11, "big"), b"77777777777\0", b"00000303240\0"],
+                         ids=["base256", "octal", "100000"])
 def test_a_size_past_the_end_of_the_file_is_an_error_not_a_short_read(tmp_path, how, field):
     data, at = _lying_size(field)
-    size = 2**80 if field[0] == 0x80 else 8**11 - 1
+    size = {0x80: 2**80, ord("7"): 8**11 - 1}.get(field[0], 100000)
     if how == "gzip":
         data = gzip.compress(data)
     path = tmp_path / "lying.tar"
@@ -231,7 +232,11 @@ def test_a_size_past_the_end_of_the_file_is_an_error_not_a_short_read(tmp_path, 
         stream = {"bytesio": io.BytesIO(data), "file": f, "pipe": Pipe(data), "gzip": io.BytesIO(data)}[how]
         # the rest of the shard would be swallowed into a.cls: every byte up to the end is there
         got = len(_tar(tarfile.GNU_FORMAT, SMALL, extras=False)) - at - 512
-        with pytest.raises(TarError, match=rf"truncated tar: member 'a.cls' at byte {at} has {got} of {size} bytes"):
+        if size > MAX_MEMBER_BYTES and how in ("pipe", "gzip"):  # no length to check against: the limit refuses it
+            message = rf"member 'a.cls' at byte {at} claims {size} bytes.*, over the limit of {MAX_MEMBER_BYTES} bytes"
+        else:  # a file's length, or a size under the limit read up to the end
+            message = rf"truncated tar: member 'a.cls' at byte {at} has {got} of {size} bytes"
+        with pytest.raises(TarError, match=message):
             list(iter_tar(stream))
 
 
@@ -429,3 +434,109 @@ def test_reading_shard_files_leaves_no_unclosed_file(tmp_path):
         del samples
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+# --- limits: a size that cannot be checked against the file is checked against a stated limit ---
+
+
+_BOMB_CHILD = r"""
+import json, re, resource, sys, time
+sys.path.insert(0, sys.argv[2])
+from toolkit.data.tario import iter_tar
+from toolkit.errors import TarError
+
+def peak_kib():  # this process's peak RSS: VmHWM (ru_maxrss keeps the forking parent's peak across exec)
+    try:
+        with open("/proc/self/status") as f:
+            return int(re.search(r"VmHWM:\s*(\d+) kB", f.read()).group(1))
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+before = peak_kib()
+started = time.perf_counter()
+with open(sys.argv[1], "rb") as f:
+    try:
+        list(iter_tar(f, url="s3://bucket/bomb-000001.tar.gz"))
+        message = None
+    except TarError as exn:
+        message = str(exn)
+print(json.dumps({"message": message, "seconds": time.perf_counter() - started,
+                  "peak_kib": peak_kib() - before}))
+"""
+
+
+def test_a_gzip_member_claiming_a_terabyte_is_refused_before_anything_is_read(tmp_path):
+    """A real bomb: a header claiming 2**40 bytes followed by 128 MiB of compressed zeros (~0.6 MB).
+    Read in a fresh process, so that its peak RSS is its own: it must not grow by the data."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data, at = _lying_size(b"\x80" + (2**40).to_bytes(11, "big"))
+    path = tmp_path / "bomb.tar.gz"
+    with gzip.GzipFile(path, "wb", compresslevel=1) as gz:
+        gz.write(data[: at + 512])  # the headers up to and with the lying one
+        zeros = bytes(1 << 20)
+        for _ in range(128):
+            gz.write(zeros)
+    assert path.stat().st_size < 2 << 20
+    repo = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", _BOMB_CHILD, str(path), repo], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["message"] == (f"member 'a.cls' at byte {at} claims 1099511627776 bytes (1 TiB), over the limit of "
+                              f"268435456 bytes (256 MiB) per member (MAX_MEMBER_BYTES) in s3://bucket/bomb-000001.tar.gz")
+    assert got["seconds"] < 1.0
+    assert got["peak_kib"] < 16 << 10, got  # (reading the 128 MiB would add >= 128 MiB)
+
+
+def test_the_member_limit_holds_for_members_and_metadata_of_every_stream(monkeypatch):
+    import toolkit.data.tario as tario
+
+    data = _tar(tarfile.GNU_FORMAT, {"a.png": b"A" * 1000, "a.cls": b"1", LONG: b"x"}, extras=False)
+    monkeypatch.setattr(tario, "MAX_MEMBER_BYTES", 1000)  # exactly a.png: read
+    assert list(iter_tar(io.BytesIO(data)))[:2] == [("a.png", b"A" * 1000), ("a.cls", b"1")]
+    monkeypatch.setattr(tario, "MAX_MEMBER_BYTES", 999)
+    for stream in (io.BytesIO(data), io.BytesIO(gzip.compress(data))):
+        with pytest.raises(TarError, match=r"^member 'a.png' at byte 0 claims 1000 bytes, over the limit of 999 bytes "
+                                           r"per member \(MAX_MEMBER_BYTES\) in x.tar$"):
+            list(iter_tar(stream, url="x.tar"))
+    # skipped (unselected) members too: a member that size is damage, read or not
+    with pytest.raises(TarError, match="claims 1000 bytes"):
+        list(iter_tar(io.BytesIO(data), select=lambda name: name.endswith(".cls")))
+    monkeypatch.setattr(tario, "MAX_MEMBER_BYTES", 100)  # the GNU long name's own data (171 bytes) is over it
+    at = _offsets(data)[LONG][0]
+    with pytest.raises(TarError, match=rf"^GNU long name header at byte 0 claims {len(LONG) + 1} bytes, over the limit"):
+        list(iter_tar(io.BytesIO(data[at:])))  # (a.png and a.cls cut off)
+
+
+@pytest.mark.parametrize("codec", [gzip.compress, bz2.compress, lzma.compress], ids=["gzip", "bzip2", "xz"])
+def test_a_decompression_bomb_is_refused_at_the_decompressed_limit(monkeypatch, codec):
+    import toolkit.data.tario as tario
+
+    members = {f"x{i}.png": bytes(256 << 10) for i in range(12)}  # 3 MiB of zeros: a few kB compressed
+    packed = codec(_tar(tarfile.USTAR_FORMAT, members, extras=False))
+    assert len(packed) < 64 << 10
+    monkeypatch.setattr(tario, "MAX_DECOMPRESSED_BYTES", 1 << 20)
+    got = []
+    name = {gzip.compress: "gzip", bz2.compress: "bzip2", lzma.compress: "xz"}[codec]
+    each = 512 + (256 << 10)
+    with pytest.raises(TarError, match=rf"^{name} shard expands past the limit of 1048576 bytes \(1 MiB\) of tar data "
+                                       rf"\(MAX_DECOMPRESSED_BYTES\): member 'x3.png' at byte {3 * each} would end at "
+                                       rf"byte {4 * each} in bomb.tar \(a decompression bomb\?\)$"):
+        for item in iter_tar(io.BytesIO(packed), url="bomb.tar"):
+            got.append(item)
+    assert [n for n, _ in got] == ["x0.png", "x1.png", "x2.png"]  # all that fits under the limit, then one line
+    # the same shard uncompressed has its length known: the decompressed limit does not apply
+    assert len(list(iter_tar(io.BytesIO(_tar(tarfile.USTAR_FORMAT, members, extras=False))))) == 12
+
+
+def test_a_small_gzip_shard_reads_through_the_pipeline_stage(tmp_path):
+    members = {"k1.png": b"1" * 3000, "k1.cls": b"0", "k2.png": b"2" * 10, "k2.cls": b"1"}
+    path = tmp_path / "small-000000.tar.gz"
+    path.write_bytes(gzip.compress(_tar(tarfile.PAX_FORMAT, members, extras=False)))
+    errors = []
+    samples = list(tar_samples(iter([{"url": str(path)}]), handler=lambda e: errors.append(e) or True))
+    assert not errors
+    assert [(s["__key__"], s["png"], s["cls"]) for s in samples] == [("k1", b"1" * 3000, b"0"), ("k2", b"2" * 10, b"1")]

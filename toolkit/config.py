@@ -274,6 +274,7 @@ class EmbedConfig:
     shuffle_buffer: int = 1000
     num_workers: int = 2
     strict_data: bool = False  # an unreadable sample or truncated shard stops training (naming the shard) instead of a counted warning + skip
+    read_timeout_s: float = 300.0  # a pipe:/http shard that sends nothing this long stops the rank with one line (0: wait forever)
     augment: bool = False  # random rotation ±10°, shift ±10 %, scale 0.9-1.1, done on the device
     # model
     arch: str = "zfnet"  # zfnet (the seed), resnet18, resnet34, or timm:<name>: any timm model (timm:resnet18, timm:efficientnet_b0), checked against timm.list_models()
@@ -332,7 +333,7 @@ class EmbedConfig:
         "knn_k": at_least(1, _INT32), "eval_batch_size": at_least(1, _INT32), "ckpt_every": at_least(0, _INT32),
         "keep_last": at_least(1, _INT32), "seed": at_least(0, MAX_SEED), "log_every": at_least(1, _INT32),
         "collective_timeout_s": above(0, MAX_COLLECTIVE_TIMEOUT_S), "unknown_fmr": above(0, 0.5),
-        "validation_timeout_s": above(0, MAX_COLLECTIVE_TIMEOUT_S),
+        "validation_timeout_s": above(0, MAX_COLLECTIVE_TIMEOUT_S), "read_timeout_s": at_least(0, MAX_COLLECTIVE_TIMEOUT_S),
     }
 
     def validate(self) -> None:

@@ -22,7 +22,11 @@ pass and passes the samples through a shuffle buffer.
 
 Damage. An unreadable sample or tar member, a label outside the class list and a shard
 shorter than ``_info.json`` says are skipped, counted by kind and warned about once per
-distinct problem (:class:`SkipLog`), or stop the run with one line when strict.
+distinct problem (:class:`SkipLog`), or stop the run with one line when strict. A member
+over :data:`~toolkit.data.tario.MAX_MEMBER_BYTES` or a compressed shard expanding past
+:data:`~toolkit.data.tario.MAX_DECOMPRESSED_BYTES` is damage too (a TarError). A ``pipe:``
+or http shard whose source sends nothing for ``read_timeout_s`` seconds is not: it raises
+:class:`~toolkit.data.tario.StalledRead`, which is never skipped.
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from torch.utils.data import get_worker_info
 
-from toolkit.data.tario import tar_samples
+from toolkit.data.tario import DEFAULT_READ_TIMEOUT_S, SHARD_NAME, StalledRead, tar_samples
 from toolkit.errors import DataError
 
 Sample = tuple[str, torch.Tensor, int]  # (key, uint8 image (C, H, W), class index)
@@ -96,7 +100,7 @@ def decode_png(data: bytes) -> torch.Tensor:
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # A shard's file name inside a path, URL, "pipe:aws s3 cp s3://b/train-000001.tar -" or file repr.
-_SHARD_NAME = re.compile(r"([^/\s'\"<>=]+\.tar)(?![\w.])")
+_SHARD_NAME = SHARD_NAME
 
 
 class SkipLog:
@@ -122,7 +126,13 @@ class SkipLog:
         return dict(zip(SKIP_KINDS, self._counts.sum(0).tolist()))
 
     def skip(self, exn: Exception, url: str | None = None, key: str | None = None, kind: str = "unreadable") -> bool:
-        """Count and warn about ``exn`` (or raise it as a DataError when strict); True: keep going."""
+        """Count and warn about ``exn`` (or raise it as a DataError when strict); True: keep going.
+
+        A :class:`~toolkit.data.tario.StalledRead` (a shard's source stopped sending) is not
+        damaged data: it is re-raised as it is, strict or not, and stops the reader.
+        """
+        if isinstance(exn, StalledRead):
+            raise exn
         # Name the shard (webdataset appends its URL or open file to exn.args; decode errors
         # pass it in) and count the skips, so a damaged shard is found from one line of the log.
         found = (_SHARD_NAME.search(str(a)) for a in ([url] if url else reversed(exn.args)))
@@ -165,6 +175,7 @@ class SlotReader:
     epoch: int = 0
     by_class: bool = False  # the shards hold whole classes: deal and shuffle by class (train mode only)
     chunk: int = 0  # by_class: a class leaves the shuffle pool this many images at a time (the P×K batcher's K); 0: whole
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S  # a pipe:/http shard silent this long: StalledRead; 0: no timeout
 
     @property
     def class_runs(self) -> bool:
@@ -194,7 +205,8 @@ class SlotReader:
         positions, stride, offset = assign_shards(len(order), self.num_slots, self.slot)
         urls = [{"url": self.urls[order[p]]} for p in positions]
         # Only the image and the label are read into memory; the .json metadata is for people.
-        raw = tar_samples(iter(urls), handler=self.skips.skip, select_files=_needed_member)
+        raw = tar_samples(iter(urls), handler=self.skips.skip, select_files=_needed_member,
+                          read_timeout_s=self.read_timeout_s)
         seen: dict[str, int] = defaultdict(int)  # samples found per shard, decodable or not
         by_run = self.class_runs and stride > 1
         run, last_cls = -1, None

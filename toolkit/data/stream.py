@@ -19,6 +19,8 @@ data) and feeds its passes to a batcher of :mod:`toolkit.data.batching`. Two mod
 """
 from __future__ import annotations
 
+import math
+import numbers
 import random
 import warnings
 from pathlib import Path
@@ -32,7 +34,8 @@ from toolkit.data.batching import pk_shape  # noqa: F401 - also imported from he
 from toolkit.data.reader import SkipLog, SlotReader
 from toolkit.data.location import shard_url
 from toolkit.data.shards import choose_layout, read_info
-from toolkit.errors import DataError
+from toolkit.data.tario import DEFAULT_READ_TIMEOUT_S
+from toolkit.errors import ConfigError, DataError
 
 __all__ = ["ShardStream", "make_loader", "pk_shape"]
 
@@ -40,7 +43,12 @@ Mode = Literal["train", "eval"]
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """The per-rank dataset. Iterate it through :func:`make_loader` (a WebLoader)."""
+    """The per-rank dataset. Iterate it through :func:`make_loader` (a WebLoader).
+
+    ``read_timeout_s``: a ``pipe:`` or http shard whose source sends no byte for this many
+    seconds stops the reader with :class:`~toolkit.data.tario.StalledRead` (a DataError,
+    never skipped as damaged data); 0: wait forever. Local files are not affected.
+    """
 
     def __init__(
         self,
@@ -57,8 +65,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         shuffle_buffer: int = 1000,
         seed: int = 0,
         strict: bool = False,
+        read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
     ):
         super().__init__()
+        if isinstance(read_timeout_s, bool) or not isinstance(read_timeout_s, numbers.Real) or not (
+                0 <= read_timeout_s < math.inf):
+            raise ConfigError(f"read_timeout_s must be a number of seconds >= 0 (0: no timeout), got {read_timeout_s!r}")
+        self.read_timeout_s = float(read_timeout_s)
         info = read_info(folder)
         sinfo = info.split(split, folder=folder)
         if sinfo.num_samples == 0:
@@ -162,6 +175,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             urls=self.urls, shard_lengths=self.shard_lengths, num_classes=self.num_labels, skips=self._skips,
             slot=slot, num_slots=num_slots, shuffle=self.mode == "train", shuffle_buffer=self.shuffle_buffer,
             seed=self.seed, epoch=self.epoch, by_class=self.layout == "by_class", chunk=self.K,
+            read_timeout_s=self.read_timeout_s,
         )
         if self.mode == "eval":
             yield from eval_batches(reader.read_pass(0), self.batch_size)

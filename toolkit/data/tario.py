@@ -23,6 +23,39 @@ at a bad header past the first one). Offsets are in the uncompressed tar stream.
 checked by a differential fuzz test: whatever this reader yields, ``tarfile`` (as WebDataset
 uses it) yields too, in the same order, and where ``tarfile`` raises, this reader raises.
 Sparse members (which ``tarfile`` would rebuild) are refused rather than skipped.
+
+Limits. A member's data is read into memory by the size its header claims; for a regular
+file a size past the end of the file is refused before reading, but a compressed shard or
+a pipe has no length to check it against. So:
+
+* :data:`MAX_MEMBER_BYTES` (256 MiB), every shard: a member (read or skipped), or metadata
+  (long name, pax), claiming more is refused with a TarError naming the shard, the offset,
+  the size and the limit, before anything is read or allocated. Shards hold preprocessed
+  images (``toolkit shard`` may keep originals): an 8-bit 8192×8192 RGB PNG is at most
+  ~192 MiB, so the limit is above any real member, and it bounds what a loader worker holds
+  at once (a member being assembled takes at most twice its size).
+* :data:`MAX_DECOMPRESSED_BYTES` (64 GiB), gzip/bzip2/xz shards: the tar bytes the shard may
+  expand to. A header whose member would end past it is refused, with one TarError line,
+  before its data are decompressed, so a decompression bomb costs at most that much
+  inflating (a few minutes of one core, no memory: members are yielded one at a time)
+  instead of running on without end. An absolute limit rather than a ratio: a shard of
+  blank 32×32 images compresses 120:1 with gzip and 430:1 with bzip2 (headers and padding
+  are mostly zeros), while deflate itself tops out near 1030:1, so no ratio separates bombs
+  from real shards; and nothing in a real shard comes near 64 GiB. (An uncompressed pipe
+  has no total limit: it costs no memory, and its bytes are what its command sends.)
+
+Both are module constants, read when a shard is opened (tests patch them small).
+
+Stalls. A ``pipe:`` or ``http(s)://`` shard (a webdataset ``gopen.Pipe``) is read straight
+from the command's stdout with ``poll`` before each read: when no byte arrives for
+``read_timeout_s`` seconds (:data:`DEFAULT_READ_TIMEOUT_S`, 300; 0: wait forever) the
+command and its children are killed and :class:`StalledRead` is raised: one line naming
+the source, the shard and the bytes received. It is a :class:`~toolkit.errors.DataError`,
+never a TarError: a stalled source is an outage, not damaged data, so the tar stage does not
+hand it to the skip handler, and :class:`~toolkit.data.reader.SkipLog` re-raises it in
+strict and non-strict mode alike: the rank stops. A pipe's command that exits with an error
+is reported as webdataset's Pipe reports it (an ``IOError`` naming its exit status). Local
+files are read as before, with no timeout and no extra cost.
 """
 from __future__ import annotations
 
@@ -32,14 +65,22 @@ import io
 import lzma
 import os
 import re
+import select as _select
+import signal
 import stat
+import subprocess
 import sys
 import zlib
 from typing import IO, Any, Callable, Iterable, Iterator
 
-from toolkit.errors import TarError
+from toolkit.errors import DataError, TarError
+
+MAX_MEMBER_BYTES = 256 << 20  # a member (or metadata) claiming more is refused before reading: see the module docstring
+MAX_DECOMPRESSED_BYTES = 64 << 30  # tar bytes a compressed shard may expand to (decompression bombs)
+DEFAULT_READ_TIMEOUT_S = 300.0  # a pipe:/http shard sending no byte for this long is a StalledRead; 0: no timeout
 
 BLOCK = 512
+_PIPE_READ = 1 << 16  # bytes asked of a pipe per read: a pipe holds 64 KiB by default
 _CHUNK = 1 << 20  # reads above this size are made in chunks: a lying size never allocates more than is there
 _SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's default skip_meta
 _REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular file, contiguous file
@@ -68,6 +109,13 @@ _COMPRESSED = (  # tarfile's r|* detection (_StreamProxy.getcomptype), name, ope
 _DECOMPRESS_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, ValueError)
 
 
+class StalledRead(DataError):
+    """A shard's source (a ``pipe:`` command, an http server) sent nothing for ``read_timeout_s``.
+
+    An outage, not damaged data: never skipped (see the module docstring).
+    """
+
+
 class _Reader:
     """``read(n)`` returning exactly n bytes or fewer only at the end of the stream.
 
@@ -80,6 +128,7 @@ class _Reader:
         self.stream, self.where, self.end, self.codec = stream, where, end, codec
         self.offset = 0
         self.errors = _DECOMPRESS_ERRORS if codec else ()
+        self.cap = MAX_DECOMPRESSED_BYTES if codec else None  # the most tar bytes a compressed stream may expand to
 
     def read(self, n: int) -> bytes:
         try:
@@ -92,6 +141,8 @@ class _Reader:
                 if not more:
                     break
                 data += more
+        except StalledRead:  # a DataError (a ValueError): an outage, not damaged compressed data
+            raise
         except self.errors as exn:
             raise TarError(f"damaged {self.codec} data after byte {self.offset} of the tar stream{self.where}: "
                            f"{type(exn).__name__}: {exn}") from exn
@@ -280,6 +331,7 @@ def iter_tar(stream: IO[bytes], select: Callable[[str], bool] | None = None, *,
     """
     where = _shard_label(stream, url)
     f = _open_maybe_compressed(stream, where)
+    max_member = MAX_MEMBER_BYTES
     try:
         meta_at, meta_kind = -1, b""  # the first header of metadata waiting for its member
         name_over: str | None = None  # a long name or pax path; the earliest one wins, as in tarfile
@@ -318,6 +370,8 @@ def iter_tar(stream: IO[bytes], select: Callable[[str], bool] | None = None, *,
                 padded = size + (-size) % BLOCK
                 if f.end is not None and start + BLOCK + padded > f.end:
                     raise _truncated(f"{_META[kind]} header", start, max(0, f.end - start - BLOCK), size, padded, where)
+                if size > max_member or (f.cap is not None and start + BLOCK + padded > f.cap):
+                    raise _over_limit(f"{_META[kind]} header", start, size, padded, f, max_member, where)
                 data = f.read_big(padded)
                 if len(data) < padded:
                     raise _truncated(f"{_META[kind]} header", start, len(data), size, padded, where)
@@ -359,6 +413,8 @@ def iter_tar(stream: IO[bytes], select: Callable[[str], bool] | None = None, *,
             meta_at, name_over, pax_size = -1, None, None
             if f.end is not None and start + BLOCK + padded > f.end:  # a size past the end: refused before reading
                 raise _truncated(f"member {name!r}", start, max(0, f.end - start - BLOCK), size, padded, where)
+            if size > max_member or (f.cap is not None and start + BLOCK + padded > f.cap):  # nor past a limit
+                raise _over_limit(f"member {name!r}", start, size, padded, f, max_member, where)
             wanted = (
                 regular
                 and not name.endswith("/")
@@ -386,6 +442,161 @@ def _truncated(what: str, start: int, got: int, size: int, padded: int, where: s
                     f"{got - size} of {padded - size} padding bytes{where}")
 
 
+def _bytes(n: int) -> str:
+    """``268435456 bytes (256 MiB)``: exact, and readable."""
+    for shift, unit in ((60, "EiB"), (50, "PiB"), (40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if 1 << shift <= n < 1 << (shift + 10):
+            return f"{n} bytes ({n / (1 << shift):.4g} {unit})"
+    return f"{n} bytes"
+
+
+def _over_limit(what: str, start: int, size: int, padded: int, f: _Reader, max_member: int, where: str) -> TarError:
+    """A member (or metadata) larger than MAX_MEMBER_BYTES, or one that would take a compressed
+    shard past MAX_DECOMPRESSED_BYTES: refused before its data are read."""
+    if size > max_member:
+        return TarError(f"{what} at byte {start} claims {_bytes(size)}, over the limit of {_bytes(max_member)} "
+                        f"per member (MAX_MEMBER_BYTES){where}")
+    return TarError(f"{f.codec} shard expands past the limit of {_bytes(f.cap or 0)} of tar data "
+                    f"(MAX_DECOMPRESSED_BYTES): {what} at byte {start} would end at byte {start + BLOCK + padded}"
+                    f"{where} (a decompression bomb?)")
+
+
+# A shard's file name inside a path, URL, "pipe:aws s3 cp s3://b/train-000001.tar -" or file repr
+# (also the reader's: SkipLog names shards with it).
+SHARD_NAME = re.compile(r"([^/\s'\"<>=]+\.tar)(?![\w.])")
+
+
+class _TimedPipe:
+    """A webdataset ``gopen.Pipe`` read straight from its stdout's file descriptor, waiting at
+    most ``timeout`` seconds for each byte (``poll``), with its own buffer.
+
+    Replaces the Pipe's ``read`` (a buffered read, then a poll of the command's status): the
+    Pipe's own buffer is never used (nothing has read it: ``url_opener`` only opens it). At
+    the end of the data the command's exit status is checked as the Pipe checks it. On a
+    stall the command and its children are killed and :class:`StalledRead` raised.
+    """
+
+    def __init__(self, pipe: Any, timeout: float, url: str):
+        self.pipe, self.timeout, self.url = pipe, float(timeout), url
+        self.fd = pipe.stream.fileno()
+        self.poller = _select.poll()  # (not select(): it refuses descriptors past 1023, common in a trainer)
+        self.poller.register(self.fd, _select.POLLIN | _select.POLLPRI)
+        self.wait_ms = min(max(1, round(self.timeout * 1000)), 2**31 - 1)  # (poll takes a C int)
+        self.buf, self.pos = b"", 0
+        self.received = 0  # bytes the source has sent
+        self.eof = False
+
+    def _more(self) -> bytes:
+        """The next bytes from the source, b"" at its end."""
+        if self.eof:
+            return b""
+        if not self.poller.poll(self.wait_ms):  # (also returns at the end of the data: POLLHUP)
+            self._stalled()
+        chunk = os.read(self.fd, _PIPE_READ)
+        if chunk:
+            self.received += len(chunk)
+            return chunk
+        self.eof = True
+        try:  # the write end is closed: the command has ended or is ending
+            self.pipe.proc.wait(min(self.timeout, 5.0))
+        except subprocess.TimeoutExpired:
+            return b""  # still running with its stdout closed: close() deals with it
+        self.pipe.wait_for_child()  # as gopen.Pipe.read: IOError for an exit status it does not ignore
+        return b""
+
+    def read(self, n: int = -1) -> bytes:
+        buf, pos = self.buf, self.pos
+        if 0 <= n <= len(buf) - pos:  # the usual case: served from the buffer
+            self.pos = pos + n
+            return buf[pos : pos + n]
+        parts, got = [buf[pos:]], len(buf) - pos
+        self.buf, self.pos = b"", 0
+        while n < 0 or got < n:
+            chunk = self._more()
+            if not chunk:
+                break
+            if 0 <= n < got + len(chunk):  # keep the rest for the next read
+                self.buf, self.pos = chunk, n - got
+                parts.append(chunk[: n - got])
+                break
+            parts.append(chunk)
+            got += len(chunk)
+        return b"".join(parts)
+
+    def peek(self, n: int = 1) -> bytes:
+        """At least n bytes (fewer only at the end of the data), without consuming them."""
+        while len(self.buf) - self.pos < n:
+            chunk = self._more()
+            if not chunk:
+                break
+            self.buf, self.pos = self.buf[self.pos :] + chunk, 0
+        return self.buf[self.pos :]
+
+    def _stalled(self) -> None:
+        _kill_command(self.pipe.proc)
+        m = SHARD_NAME.search(self.url)
+        shard = f"{m.group(1)}, " if m and m.group(1) != self.url else ""
+        raise StalledRead(f"no data for {self.timeout:g} s from {self.url} ({shard}after byte {self.received}): "
+                          f"the shard's source stalled")
+
+    def close(self) -> None:
+        """Closes the command's stdout and waits for it (a command still writing gets SIGPIPE); one
+        that does not end within the timeout (5 s at most) is killed with its children."""
+        pipe = self.pipe
+        if pipe.stream.closed:
+            return
+        pipe.stream.close()
+        try:
+            pipe.status = pipe.proc.wait(min(self.timeout, 5.0))
+        except subprocess.TimeoutExpired:
+            _kill_command(pipe.proc)
+
+
+def _kill_command(proc: subprocess.Popen) -> None:
+    """Kills a ``pipe:``/curl command and every process it started (the shell's children hold
+    the pipe too), and reaps it. Stopped first, so that no one forks or reaps in between."""
+    if proc.returncode is not None:  # reaped already: its pid may be another process's by now
+        return
+    try:
+        import psutil
+    except ImportError:  # (a dependency of accelerate): the command alone
+        psutil = None
+    family: list = []
+    if psutil is not None:
+        try:
+            top = psutil.Process(proc.pid)
+            top.send_signal(signal.SIGSTOP)
+            family = top.children(recursive=True)
+            for p in family:
+                p.send_signal(signal.SIGSTOP)
+            family = top.children(recursive=True)  # any forked before it stopped
+        except psutil.Error:  # it has exited (or is a zombie) already
+            pass
+    for p in family:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    try:
+        proc.kill()
+    except OSError:
+        pass
+    try:
+        proc.wait(5.0)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _with_timeout(stream: Any, url: str, timeout: float) -> Any:
+    """``stream`` read with a stall timeout when it is a gopen Pipe reading a command's stdout."""
+    proc, out = getattr(stream, "proc", None), getattr(stream, "stream", None)
+    if not timeout or proc is None or out is None or getattr(proc, "stdout", None) is not out:
+        return stream  # a local file, stdin, BytesIO: nothing to wait for
+    if not hasattr(_select, "poll"):  # (not on Windows, where pipe: commands are rare): no timeout
+        return stream
+    return _TimedPipe(stream, timeout, url)
+
+
 def _close_quietly(stream: Any) -> None:
     """Closes a shard's stream once it is read, cut or abandoned (not stdin: url '-')."""
     if stream is None or stream is getattr(sys.stdin, "buffer", None):
@@ -400,6 +611,8 @@ def tar_expander(
     data: Iterable[dict[str, Any]],
     handler: Callable[[Exception], bool],
     select_files: Callable[[str], bool] | None = None,
+    *,
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
 ) -> Iterator[dict[str, Any]]:
     """WebDataset stage: opened shards (``url_opener`` output) -> ``{fname, data, __url__}``.
 
@@ -407,19 +620,23 @@ def tar_expander(
     end of each shard (so ``group_by_keys`` never merges samples across shards), and an
     error is passed to ``handler`` with the shard's URL appended to its args. Unlike it, each
     shard's stream is closed as soon as the shard is done, damaged or abandoned (webdataset
-    leaves that to the garbage collector: "unclosed file" ResourceWarnings).
+    leaves that to the garbage collector: "unclosed file" ResourceWarnings). A ``pipe:`` or
+    http shard is read with a stall timeout of ``read_timeout_s`` seconds (0: none), and a
+    :class:`StalledRead` is raised, never passed to the handler.
     """
     for source in data:
         url = source["url"]
         stream = None
         try:
             try:
-                stream = source["stream"]
+                stream = _with_timeout(source["stream"], url, read_timeout_s)
                 for fname, payload in iter_tar(stream, select_files, url=url):
                     yield {"fname": fname, "data": payload, "__url__": url}
             finally:
-                _close_quietly(stream)
+                _close_quietly(stream if stream is not None else source.get("stream"))
             yield {}
+        except StalledRead:  # an outage, not damage: stops the reader (its message names the url)
+            raise
         except Exception as exn:  # noqa: BLE001 - the handler decides
             exn.args = exn.args + (url,)
             if not handler(exn):
@@ -428,9 +645,13 @@ def tar_expander(
 
 
 def tar_samples(urls: Iterable[dict[str, Any]], *, handler: Callable[[Exception], bool],
-                select_files: Callable[[str], bool] | None = None) -> Iterator[dict[str, Any]]:
-    """``wds.tarfile_to_samples`` with the fast reader: urls -> grouped samples."""
+                select_files: Callable[[str], bool] | None = None,
+                read_timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> Iterator[dict[str, Any]]:
+    """``wds.tarfile_to_samples`` with the fast reader: urls -> grouped samples.
+
+    ``read_timeout_s``: the stall timeout of ``pipe:`` and http shards (see :func:`tar_expander`).
+    """
     from webdataset.tariterators import group_by_keys, url_opener
 
     streams = url_opener(urls, handler=handler)
-    return group_by_keys(tar_expander(streams, handler, select_files), handler=handler)
+    return group_by_keys(tar_expander(streams, handler, select_files, read_timeout_s=read_timeout_s), handler=handler)

@@ -442,6 +442,7 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
         cfg.shards, split="train", mode="train", rank=accelerator.process_index, world_size=world,
         batch_size=cfg.batch_size, P=cfg.P, K=cfg.K, batching=cfg.batching, shuffle_buffer=cfg.shuffle_buffer,
         seed=cfg.seed, strict=cfg.strict_data,  # unreadable samples / truncated shards: skip with a warning, or stop
+        read_timeout_s=cfg.read_timeout_s,  # a stalled pipe:/http shard: one line, not a hang
     )
     steps_per_epoch = stream.steps_per_epoch()
     budget = Budget.from_config(cfg, steps_per_epoch)
