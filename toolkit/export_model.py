@@ -28,7 +28,9 @@ import torch
 
 from toolkit.artifacts import Run, build_frozen_embedder, open_run
 from toolkit.errors import ConfigError, DataError
-from toolkit.files import OwnedFolder, atomic_write_json, check_replaceable, move_into_place, new_temp_folder, sha256_file
+from toolkit.files import (
+    OwnedFolder, atomic_write_json, check_replaceable, json_kind_is, move_into_place, new_temp_folder, sha256_file,
+)
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
 MANIFEST = "model.json"
@@ -37,19 +39,11 @@ EXPORT_FILES = {MANIFEST} | {f"{part}{ext}" for part in ("embedder", "head") for
 OPSET = 17
 
 
-def _is_manifest(path: Path) -> bool:
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and meta.get("kind") == KIND
-
-
 EXPORT_FOLDER = OwnedFolder(
     what="an exported-model folder",
     writer="`toolkit export-model`",
     marker=MANIFEST,
-    is_marker=_is_manifest,
+    is_marker=json_kind_is(KIND),
     owns=lambda name: name in EXPORT_FILES,
     writing="the model was being exported",
     previous="the previous export",

@@ -238,6 +238,18 @@ class OwnedFolder:
         return self.owns(path.name) and path.is_file() and not path.is_symlink()
 
 
+def json_kind_is(kind: str) -> Callable[[Path], bool]:
+    """An :attr:`OwnedFolder.is_marker` for writers whose marker is a JSON object with ``"kind": kind``."""
+    def is_marker(path: Path) -> bool:
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(meta, dict) and meta.get("kind") == kind
+
+    return is_marker
+
+
 def why_not_ours(folder: str | os.PathLike, kind: OwnedFolder) -> str | None:
     """Why ``folder`` is not ours to replace, or None: empty, or a ``kind`` folder holding only our files."""
     folder = Path(folder)

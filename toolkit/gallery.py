@@ -65,7 +65,8 @@ from toolkit.data.shards import INFO_NAME, read_info
 from toolkit.errors import DataError, one_line
 from toolkit.evaluation import embed_split
 from toolkit.files import (
-    OwnedFolder, atomic_write, atomic_write_json, atomic_write_text, check_apart, check_replaceable, move_into_place,
+    OwnedFolder, atomic_write, atomic_write_json, atomic_write_text, check_apart, check_replaceable, json_kind_is,
+    move_into_place,
     new_temp_folder, sha256_file,
 )
 from toolkit.inference import embed_files, preprocess_params
@@ -249,13 +250,6 @@ def _embed_shards(run: Run, model, shards: str, split, *, device, batch_size: in
 # --------------------------------------------------------------------------- writing an index folder
 
 
-def _is_index_meta(path: Path) -> bool:
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and meta.get("kind") == KIND
-
 
 # What overwrite may replace: an empty folder or one holding nothing but the four files as
 # regular files, with our meta.json (the rules: toolkit.files, "output folders").
@@ -263,7 +257,7 @@ INDEX_FOLDER = OwnedFolder(
     what="an index folder",
     writer="`toolkit index`",
     marker=META_FILE,
-    is_marker=_is_index_meta,
+    is_marker=json_kind_is(KIND),
     owns=lambda name: name in INDEX_FILES,
     writing="the index was being written",
     previous="the previous index",

@@ -99,8 +99,6 @@ def decode_png(data: bytes) -> torch.Tensor:
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-# A shard's file name inside a path, URL, "pipe:aws s3 cp s3://b/train-000001.tar -" or file repr.
-_SHARD_NAME = SHARD_NAME
 
 
 class SkipLog:
@@ -135,7 +133,7 @@ class SkipLog:
             raise exn
         # Name the shard (webdataset appends its URL or open file to exn.args; decode errors
         # pass it in) and count the skips, so a damaged shard is found from one line of the log.
-        found = (_SHARD_NAME.search(str(a)) for a in ([url] if url else reversed(exn.args)))
+        found = (SHARD_NAME.search(str(a)) for a in ([url] if url else reversed(exn.args)))
         shard = next((m.group(1) for m in found if m), url or "unknown shard")  # also in URLs, pipe: commands
         where = shard + (f", sample {key}" if key else "")
         first = str(exn.args[0]) if exn.args else ""
