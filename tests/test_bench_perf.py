@@ -110,9 +110,9 @@ def test_new_benchmarks_are_registered_and_check_options():
 
 
 def test_mining_bench_prints_both_sides_ratio_and_b2_cost(tmp_path):
-    pytest.importorskip("pytorch_metric_learning")  # in the dev extra; the bench names it when missing
     out = tmp_path / "mining.json"
     r = run("bench", "mining", "--sizes", "64,256", "--per_rank", "256,512", "--worlds", "1,2,8", "--repeats", 1,
+            "--objectives", "triplet,pml:MultiSimilarityLoss+pml:MultiSimilarityMiner", "--objective_sizes", "64",
             "--out", out, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     header = _row(r.stdout, "| global batch | toolkit")
@@ -138,6 +138,12 @@ def test_mining_bench_prints_both_sides_ratio_and_b2_cost(tmp_path):
     assert [row["global_batch"] for row in report["per_rank"]] == [256, 512]
     big = report["per_rank"][-1]
     assert big["own_ms"]["8"] < big["all_ms"] and big["ratio_at_max_w"] == pytest.approx(big["all_ms"] / big["own_ms"]["8"])
+    # the training objectives, the built-in and a PML loss with its miner, timed the same way
+    assert _row(r.stdout, "| objective (loss=")[1:] == ["B=64, ms", "B=64: / triplet"]
+    ms = {row["objective"]: row["ms"]["64"] for row in report["objectives"]}
+    assert list(ms) == ["triplet", "pml:MultiSimilarityLoss+pml:MultiSimilarityMiner"] and min(ms.values()) > 0
+    pml = _row(r.stdout, "| pml:MultiSimilarityLoss+pml:MultiSimilarityMiner |")
+    assert _num(pml[2].rstrip("×")) == pytest.approx(ms["pml:MultiSimilarityLoss+pml:MultiSimilarityMiner"] / ms["triplet"], abs=0.06)
 
 @pytest.mark.slow
 def test_validate_bench_prints_gathered_and_sharded_side_by_side_with_the_same_metrics(tmp_path):

@@ -31,6 +31,30 @@ def test_shipped_configs_exist():
     assert {"cpu.yaml", "multi_gpu.yaml", "multi_node.yaml"} <= {p.name for p in ACCELERATE_CONFIGS}
 
 
+def _readme_launch_commands() -> list[list[str]]:
+    """The arguments after ``launch/embed.py`` of every such command in the README's shell blocks."""
+    import re
+    import shlex
+
+    found = []
+    for block in re.findall(r"```(?:bash|sh)\n(.*?)```", (REPO / "README.md").read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True) if "launch/embed.py" in line else []
+            if "launch/embed.py" in words:
+                found.append(words[words.index("launch/embed.py") + 1:])
+    return found
+
+
+def test_every_launch_command_in_the_readme_is_a_valid_config(monkeypatch):
+    from toolkit.config import config_from_argv
+
+    monkeypatch.chdir(REPO)  # the commands name configs/embed/... from the checkout
+    commands = _readme_launch_commands()
+    assert len(commands) >= 15 and any("loss=pml:ProxyAnchorLoss" in c for c in commands)
+    for args in commands:
+        assert isinstance(config_from_argv(EmbedConfig, args), EmbedConfig), args
+
+
 @pytest.mark.parametrize("path", EMBED_CONFIGS, ids=lambda p: p.name)
 def test_embed_config_loads(path):
     cfg = load_config(EmbedConfig, path)

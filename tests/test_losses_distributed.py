@@ -119,6 +119,46 @@ def test_ranks_with_different_numbers_of_pairs_still_give_the_single_process_gra
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["MultiSimilarityLoss", "ProxyAnchorLoss"])
+def test_pml_losses_on_the_gathered_batch_give_the_single_process_gradient(dist_results, name):
+    """loss=pml:<Name>: DDP gradients of the model, the loss's own parameters (proxies) and a few
+    optimiser steps equal one process on the concatenated batch; the proxies are bit-identical
+    on every rank although each rank initialised them from its own random state."""
+    script = _load_script()
+    x, labels = script.global_batch(WORLD)
+    model, objective = script.build_model(), script.build_pml(name, seed=10)  # rank 0's initial state
+    loss, stats = objective(script.embed(model, x), labels)
+    loss.backward()
+    assert loss.item() > 0.01 and stats["num_pairs"] > 0
+    expected, expected_loss_grads = _grads(model), {n: p.grad.clone() for n, p in objective.named_parameters()}
+    assert bool(expected_loss_grads) == (name == "ProxyAnchorLoss")
+    for rank, result in enumerate(dist_results):
+        got = result[("pml", name)]
+        for key, want in (("grads", expected), ("loss_grads", expected_loss_grads)):
+            for n, grad in want.items():
+                torch.testing.assert_close(got[key][n], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"rank {rank}, {key} {n}: {m}")
+        assert got["stats"]["loss"] == pytest.approx(loss.item(), rel=1e-5)
+        assert got["stats"]["num_pairs"] == stats["num_pairs"]
+        assert got["loss_for_backward"] == pytest.approx(WORLD * loss.item(), rel=1e-5)
+    # The comparison has power: each rank's loss on its own half (no gather) moves the gradient.
+    halves = []
+    for r in range(WORLD):
+        m, o = script.build_model(), script.build_pml(name, seed=10)
+        mine = slice(r * script.LOCAL_BATCH, (r + 1) * script.LOCAL_BATCH)
+        o(script.embed(m, x[mine]), labels[mine])[0].backward()
+        halves.append(_grads(m)["2.weight"])
+    assert not torch.allclose(sum(halves) / WORLD, expected["2.weight"], rtol=1e-2, atol=1e-4)
+
+    # A few optimiser steps: the same weights and proxies as one process, identical on the ranks.
+    want = script.pml_steps(script.build_model(), script.build_pml(name, seed=10), x, labels)
+    steps = [result[("pml-steps", name)] for result in dist_results]
+    for part in ("model", "loss"):
+        for n, value in want[part].items():
+            assert torch.equal(steps[0][part][n], steps[1][part][n]), f"{part} {n} differs between the ranks"
+            torch.testing.assert_close(steps[0][part][n], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{part} {n}: {m}")
+
+
+@pytest.mark.slow
 def test_unequal_local_batches_raise_on_every_rank(dist_results):
     for result in dist_results:
         assert result["unequal_error"] is not None

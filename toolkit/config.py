@@ -68,6 +68,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             if not math.isfinite(f):  # no field has a use for nan/inf (0 is "off" where off exists)
                 raise ConfigError(f"{key}: expected a finite float, got {value!r}")
             return f
+        if typ is dict:
+            return _coerce_mapping(key, value)
         if typ is str:
             if isinstance(value, (list, tuple, dict, set)):  # YAML `shards: [a, b]` is not a path
                 raise ValueError
@@ -77,6 +79,31 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}") from None
     return value
+
+
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _coerce_mapping(key: str, value: Any) -> dict:
+    """Keyword arguments (``loss_kwargs``): a YAML mapping, or its text from the command line
+    (``loss_kwargs='{alpha: 2, beta: 50}'``), of names to scalars or lists of scalars. Read with
+    yaml.safe_load: data only, nothing is constructed or run."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value) if value.strip() else {}
+        except yaml.YAMLError:
+            raise ConfigError(f"{key}: expected a mapping like {{alpha: 2, beta: 50}}, got {value!r}") from None
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping like {{alpha: 2, beta: 50}}, got {value!r}")
+    for name, item in value.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"{key}: {name!r} is not a keyword name")
+        items = item if isinstance(item, list) else [item]
+        if not all(isinstance(v, _SCALARS) for v in items) or (isinstance(item, float) and not math.isfinite(item)):
+            raise ConfigError(f"{key}: {name}={item!r}: values are numbers, strings, booleans or lists of them")
+    return dict(value)
 
 
 def _suggest(key: str, known: Sequence[str]) -> str:
@@ -243,7 +270,7 @@ def check_arch(arch: str, *, pretrained: bool = False) -> None:
 
 
 # --------------------------------------------------------------------------- run configs
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 from typing import ClassVar, Literal, Optional  # noqa: E402
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -287,6 +314,11 @@ class EmbedConfig:
     margin: float = 0.2
     mining: Literal["semihard", "hard", "all"] = "semihard"
     squared: bool = False
+    loss: str = "triplet"  # triplet (built-in; margin, mining, squared) or pml:<LossName>: a pytorch-metric-learning loss on the gathered global batch (pml:MultiSimilarityLoss, pml:ProxyAnchorLoss)
+    loss_kwargs: dict = field(default_factory=dict)  # keyword arguments of a pml: loss: loss_kwargs='{alpha: 2, beta: 50}'; distance/reducer may name a PML class ({distance: CosineSimilarity})
+    miner: str = ""  # optional pml:<MinerName> for a pml: loss, run on the gathered batch (pml:MultiSimilarityMiner)
+    miner_kwargs: dict = field(default_factory=dict)  # keyword arguments of the miner: miner_kwargs='{epsilon: 0.1}'
+    loss_lr: float = 0.0  # learning rate of the loss's own parameters (ProxyAnchorLoss's proxies); 0 = lr
     # optimiser (Adam) and schedule
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -334,6 +366,7 @@ class EmbedConfig:
         "keep_last": at_least(1, _INT32), "seed": at_least(0, MAX_SEED), "log_every": at_least(1, _INT32),
         "collective_timeout_s": above(0, MAX_COLLECTIVE_TIMEOUT_S), "unknown_fmr": above(0, 0.5),
         "validation_timeout_s": above(0, MAX_COLLECTIVE_TIMEOUT_S), "read_timeout_s": at_least(0, MAX_COLLECTIVE_TIMEOUT_S),
+        "loss_lr": at_least(0),
     }
 
     def validate(self) -> None:
@@ -343,6 +376,22 @@ class EmbedConfig:
         require(self.P * self.K <= self.batch_size, f"P×K = {self.P}×{self.K} = {self.P * self.K} is larger than batch_size={self.batch_size}")
         require(self.epochs > 0 or self.max_steps > 0 or self.max_minutes > 0, "no budget: set epochs, max_steps or max_minutes")
         check_arch(self.arch, pretrained=self.pretrained)
+        check_objective(self)
+
+
+def check_objective(cfg: "EmbedConfig") -> None:
+    """Refuse, in one line, a loss / miner that cannot train (a pml: one is tried on a small batch)."""
+    if cfg.loss == "triplet":
+        require(not (cfg.loss_kwargs or cfg.miner or cfg.miner_kwargs),
+                "loss=triplet takes margin, mining and squared; loss_kwargs, miner and miner_kwargs are for a pml:<LossName> loss")
+        return
+    require(cfg.loss.startswith("pml:"), f"loss: {cfg.loss!r} is not triplet or pml:<LossName> (a pytorch-metric-learning loss)")
+    require(bool(cfg.miner) or not cfg.miner_kwargs, "miner_kwargs needs a miner=pml:<MinerName>")
+    from toolkit.objectives import objective_problem  # imports torch and pytorch-metric-learning: pml: losses only
+
+    problem = objective_problem(loss=cfg.loss, loss_kwargs=cfg.loss_kwargs, miner=cfg.miner, miner_kwargs=cfg.miner_kwargs,
+                                embedding_dim=cfg.embedding_dim)
+    require(problem is None, str(problem))
 
 
 @dataclass

@@ -68,10 +68,20 @@ def buffers_from_main(module: torch.nn.Module) -> None:
     of a split in eval mode, the statistics must be rank 0's (the ones the saved model
     holds), or the shares are embedded by slightly different models.
     """
+    _tensors_from_main(module.buffers())
+
+
+def state_from_main(module: torch.nn.Module) -> None:
+    """Overwrite every parameter and buffer of ``module`` with rank 0's, in place: a module that
+    DDP does not wrap (a loss's proxies, initialised from each rank's random state)."""
+    _tensors_from_main([*module.parameters(), *module.buffers()])
+
+
+def _tensors_from_main(tensors) -> None:
     if not is_distributed():
         return
-    for buf in module.buffers():
-        dist.broadcast(buf.data, src=0)
+    for t in tensors:
+        dist.broadcast(t.data, src=0)
 
 
 def from_main(obj: Any, device, group=None) -> Any:

@@ -62,6 +62,42 @@ def uneven_labels(world_size: int, case: str) -> torch.Tensor:
 
 
 UNEVEN_CASES = ("uneven", "zero")
+# loss=..., miner=..., loss_kwargs: one pair-based loss with its miner, one proxy-based loss
+PML_CASES = {
+    "MultiSimilarityLoss": {"loss": "pml:MultiSimilarityLoss", "miner": "pml:MultiSimilarityMiner",
+                            "miner_kwargs": {"epsilon": 0.5}},
+    "ProxyAnchorLoss": {"loss": "pml:ProxyAnchorLoss", "loss_kwargs": {"margin": 0.1, "alpha": 32}, "loss_lr": 0.05},
+}
+PML_STEPS, PML_LR = 3, 0.01
+
+
+def build_pml(name: str, seed: int):
+    """The objective training builds for PML_CASES[name] (toolkit.engine.embed.make_objective),
+    its parameters initialised from ``seed`` (then rank 0's, under a process group)."""
+    from toolkit.config import EmbedConfig
+    from toolkit.engine.embed import make_objective
+
+    torch.manual_seed(seed)
+    cfg = EmbedConfig(embedding_dim=16, **{k: v for k, v in PML_CASES[name].items() if k != "loss_lr"})
+    return make_objective(cfg, num_classes=NUM_CLASSES, device=torch.device("cpu"))
+
+
+def pml_steps(model, objective, x, labels) -> dict:
+    """PML_STEPS Adam steps on (x, labels) as training takes them (model, then the loss's own
+    parameters at their own rate); the final weights of both."""
+    groups = [{"params": list(model.parameters())}]
+    if list(objective.parameters()):
+        groups.append({"params": list(objective.parameters()), "lr": PML_CASES[type(objective.loss).__name__].get("loss_lr", PML_LR)})
+    opt = torch.optim.Adam(groups, lr=PML_LR)
+    for _ in range(PML_STEPS):
+        loss, _ = objective(embed(model, x), labels)
+        loss.backward()
+        objective.sync_grads()
+        opt.step()
+        opt.zero_grad()
+    inner = getattr(model, "module", model)
+    return {"model": {n: p.detach().clone() for n, p in inner.named_parameters()},
+            "loss": {n: p.detach().clone() for n, p in objective.named_parameters()}}
 
 
 def main(out_dir: Path) -> None:
@@ -99,6 +135,23 @@ def main(out_dir: Path) -> None:
                     "stats": stats,
                     "loss_for_backward": loss.item(),
                 }
+
+    # pytorch-metric-learning losses on the gathered batch (toolkit/objectives.py), built the
+    # way training builds them: each rank initialises the loss from its own random state and
+    # make_objective gives every rank rank 0's parameters.
+    for name in PML_CASES:
+        model = DDP(build_model())
+        objective = build_pml(name, seed=10 + rank)
+        loss, stats = objective(embed(model, x[mine]), labels[mine])
+        loss.backward()
+        objective.sync_grads()
+        result[("pml", name)] = {
+            "grads": {n: p.grad.clone() for n, p in model.module.named_parameters()},
+            "loss_grads": {n: p.grad.clone() for n, p in objective.named_parameters()},
+            "stats": stats, "loss_for_backward": loss.item(),
+        }
+        model, objective = DDP(build_model()), build_pml(name, seed=10 + rank)
+        result[("pml-steps", name)] = pml_steps(model, objective, x[mine], labels[mine])
 
     # Unequal local batches must raise on every rank (not hang in the collective).
     try:

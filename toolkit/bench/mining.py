@@ -80,10 +80,7 @@ def _vectorised_fn():
 
 
 def _pml_fn():
-    try:
-        from pytorch_metric_learning import losses, miners
-    except ImportError as exc:  # a dev-only dependency
-        raise RuntimeError("the mining benchmark needs pytorch-metric-learning: pip install pytorch-metric-learning") from exc
+    from pytorch_metric_learning import losses, miners
     miner = miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard")
     loss = losses.TripletMarginLoss(margin=0.2)
     return lambda e, y: loss(e, y, miner(e, y))
@@ -179,11 +176,43 @@ def per_rank_table(global_batches: list[int], worlds: list[int], repeats: int, d
     return lines, rows
 
 
+# loss[+miner] specs of the objectives table: the built-in and a few pytorch-metric-learning ones
+DEFAULT_OBJECTIVES = ("triplet", "pml:TripletMarginLoss+pml:TripletMarginMiner", "pml:MultiSimilarityLoss+pml:MultiSimilarityMiner",
+                      "pml:ProxyAnchorLoss", "pml:SupConLoss")
+DEFAULT_OBJECTIVE_SIZES = (256, 1024)
+
+
+def objectives_table(specs: list[str], batch_sizes: list[int], repeats: int, device: str) -> tuple[list[str], list[dict]]:
+    """ms per forward + backward of each training objective (toolkit/objectives.py, one process)."""
+    from toolkit.objectives import build_objective
+
+    rows = []
+    for spec in specs:
+        loss, _, miner = spec.partition("+")
+        row = {"objective": spec, "ms": {}}
+        for b in batch_sizes:
+            emb, labels = _batch(b, device=device)
+            torch.manual_seed(0)
+            objective = build_objective(loss=loss, miner=miner, num_classes=b // 4, embedding_dim=emb.shape[1]).to(device)
+            row["ms"][b] = 1000 * _best_seconds(lambda e: objective(e, labels)[0], emb, repeats, device)
+        rows.append(row)
+    base = rows[0]["ms"] if rows and rows[0]["objective"] == "triplet" else None
+    lines = ["| objective (loss=…, +miner=…) | " + " | ".join(f"B={b:,}, ms" for b in batch_sizes)
+             + ("" if base is None else " | " + " | ".join(f"B={b:,}: / triplet" for b in batch_sizes)) + " |",
+             "|:--|" + "---:|" * (len(batch_sizes) * (1 if base is None else 2))]
+    for r in rows:
+        ratios = "" if base is None else " | " + " | ".join(f"{r['ms'][b] / base[b]:.1f}×" for b in batch_sizes)
+        lines.append(f"| {r['objective']} | " + " | ".join(f"{r['ms'][b]:.1f}" for b in batch_sizes) + ratios + " |")
+    return lines, rows
+
+
 def main(
     *,
     sizes: str = ",".join(map(str, DEFAULT_SIZES)),
     per_rank: str = ",".join(map(str, DEFAULT_PER_RANK)),
     worlds: str = ",".join(map(str, DEFAULT_WORLDS)),
+    objectives: str = ",".join(DEFAULT_OBJECTIVES),
+    objective_sizes: str = ",".join(map(str, DEFAULT_OBJECTIVE_SIZES)),
     repeats: int = 3,
     timeout: float = 120.0,
     device: str = "auto",
@@ -196,6 +225,9 @@ def main(
             (e.g. 256,1024,2048,4096); 0 skips that table.
         per_rank: global batch sizes for the per-rank view (e.g. 2048,4096,8192,16384); 0 skips it.
         worlds: numbers of ranks W of the per-rank view (each must divide every per_rank size).
+        objectives: comma-separated training objectives to time, ``loss`` or ``loss+miner`` as the
+            run config spells them (triplet, pml:MultiSimilarityLoss+pml:MultiSimilarityMiner, ...).
+        objective_sizes: global batch sizes of the objectives table; 0 skips it.
         repeats: timed repetitions per side (best is reported).
         timeout: seconds allowed per side and size (PML at large B is slow).
         device: auto (cuda if present), cpu or cuda.
@@ -211,11 +243,22 @@ def main(
     world_sizes = sorted(set(_int_list(worlds)))
     require_ints("mining", [("repeats", repeats, 1), *(("sizes", b, 8) for b in batch_sizes),
                             *(("per_rank", b, 8) for b in rank_sizes), *(("worlds", w, 1) for w in world_sizes)])
+    objective_batches = [b for b in _int_list(objective_sizes) if b]
+    specs = [x.strip() for x in (objectives if isinstance(objectives, str) else ",".join(objectives)).split(",") if x.strip()]
+    require_ints("mining", [("objective_sizes", b, 8) for b in objective_batches])
+    if objective_batches:
+        from toolkit.objectives import objective_problem
+
+        for spec in specs:
+            loss, _, miner = spec.partition("+")
+            problem = objective_problem(loss=loss, loss_kwargs={}, miner=miner, miner_kwargs={}, embedding_dim=128)
+            if problem:
+                raise ConfigError(f"toolkit bench mining: --objectives {spec}: {problem}")
     bad = [(g, w) for g in rank_sizes for w in world_sizes if g % w or g // w < 2]
     if bad:
         raise ConfigError(f"toolkit bench mining: every --per_rank size needs ≥ 2 images per rank and must be "
                           f"divisible by every --worlds value; {bad[0][0]} and W = {bad[0][1]} are not")
-    result = {"device": device, "rows": [], "per_rank": []}
+    result = {"device": device, "rows": [], "per_rank": [], "objectives": []}
     if batch_sizes:
         lines = comparison_table(batch_sizes, repeats, device, timeout, result["rows"])
         print("\n".join(lines))
@@ -228,6 +271,11 @@ def main(
         print("\n".join(lines))
         if max(world_sizes) >= 64:
             print("\ntarget at W = 64: per-rank mining ≥ 30× below every-rank-mines-all")
+    if objective_batches and specs:
+        lines, result["objectives"] = objectives_table(specs, objective_batches, repeats, device)
+        print(f"\ntraining objectives, forward+backward on one process, 128-d, K=4, device {device} (with W ranks the "
+              "built-in triplet loss costs each rank 1/W of this, a pml: loss the whole)\n")
+        print("\n".join(lines))
     if out:
         from toolkit.files import atomic_write_json
 

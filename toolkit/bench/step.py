@@ -90,12 +90,14 @@ def main(
 
     from toolkit.engine.embed import build_scheduler, train_step
     from toolkit.losses import triplet_loss
+    from toolkit.objectives import TripletObjective
     from toolkit.models import build_embedder
 
     use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     accelerator = Accelerator(cpu=use_cpu, mixed_precision="no" if precision == "fp32" else "bf16")
     dev = accelerator.device
     lr, margin = 1e-3, 0.2
+    objective = TripletObjective(margin=margin, mining="semihard")
 
     torch.manual_seed(seed)
     model_a = build_embedder(arch=arch, in_channels=1, input_size=input_size)
@@ -111,8 +113,7 @@ def main(
     autocast_b = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def step_toolkit(images, labels):
-        train_step(model_a, opt_a, sched_a, accelerator, images, labels, input_size=input_size, margin=margin,
-                   mining="semihard")
+        train_step(model_a, opt_a, sched_a, accelerator, images, labels, objective=objective, input_size=input_size)
 
     def step_plain(images, labels):
         x = images.to(dev, non_blocking=True).float().div_(255.0).sub_(0.5).div_(0.5)

@@ -7,7 +7,7 @@ Receives an Accelerator; never creates one. What a checkpoint restores is a
 One step, on every rank::
 
     uint8 (B, C, h, w) --to_model_input--> (B, C, S, S) --model--> (B, 128) unit vectors
-      --gather all ranks--> (W·B, 128) --semi-hard mining--> loss (×W, see losses.py)
+      --gather all ranks--> (W·B, 128) --semi-hard mining (or a PML loss)--> loss (×W, see objectives.py)
 
 Rank 0 alone validates (kNN), saves the best embedder and logs; the others wait for it.
 """
@@ -26,12 +26,13 @@ from toolkit.files import atomic_torch_save, safe_load
 from toolkit.config import LOWER_IS_BETTER, EmbedConfig
 from toolkit.errors import CheckpointError, ConfigError, NonFiniteLossError
 from toolkit.data.shards import ShardInfo, read_info
-from toolkit.distributed import all_gather_object, any_rank, buffers_from_main, float_from_main, from_main, waiting_group
+from toolkit.distributed import (all_gather_object, any_rank, buffers_from_main, float_from_main, from_main, state_from_main,
+                                 waiting_group)
 from toolkit.data.batching import PK_MAX_FIELDS
 from toolkit.data.stream import ShardStream, make_loader
 from toolkit.data.transforms import random_affine, to_model_input
 from toolkit.evaluation import embed_split, gather_to_main, sharded_val_metrics, split_retrieval, split_roles, warn_missing
-from toolkit.losses import distributed_triplet_loss
+from toolkit.objectives import build_objective
 from toolkit.models import build_embedder
 from toolkit.progress import progress
 
@@ -59,12 +60,12 @@ def build_scheduler(optimizer, *, schedule: str, warmup_steps: int, total_steps:
 
 def train_step(
     model, optimizer, scheduler, accelerator, images: torch.Tensor, labels: torch.Tensor, *,
-    input_size: int, margin: float = 0.2, mining: str = "semihard", squared: bool = False,
-    grad_clip: float = 0.0, augment: bool = False, channels_last: bool = False, on_nonfinite: str = "stop",
+    objective, input_size: int, grad_clip: float = 0.0, augment: bool = False, channels_last: bool = False, on_nonfinite: str = "stop",
 ) -> dict | None:
-    """One optimisation step on this rank's batch; mining runs over every rank's embeddings.
+    """One optimisation step on this rank's batch; the loss covers every rank's embeddings.
 
-    ``images``: uint8 (B, C, h, w) from the loader; ``labels``: (B,). Returns the loss stats,
+    ``images``: uint8 (B, C, h, w) from the loader; ``labels``: (B,); ``objective``: from
+    :func:`~toolkit.objectives.build_objective` (its parameters, if any, in ``optimizer``). Returns the loss stats,
     or None when the loss was non-finite and ``on_nonfinite="skip"`` (no update made).
     """
     device = accelerator.device
@@ -74,7 +75,7 @@ def train_step(
     labels = labels.to(device, non_blocking=True)
     with accelerator.autocast():
         emb = model(x)  # (B, D) unit vectors
-    loss, stats = distributed_triplet_loss(emb.float(), labels, margin=margin, strategy=mining, squared=squared)
+    loss, stats = objective(emb.float(), labels)
     # The global-batch loss is the same number on every rank, so all ranks take the same
     # branch here without talking (no rank is left waiting in backward).
     if not math.isfinite(stats["loss"]):
@@ -83,12 +84,27 @@ def train_step(
         optimizer.zero_grad(set_to_none=True)
         return None
     accelerator.backward(loss)
+    objective.sync_grads()  # a loss's own parameters (proxies): the same gradient on every rank
     if grad_clip:
         accelerator.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return stats
+
+
+def make_objective(cfg: EmbedConfig, *, num_classes: int, device) -> torch.nn.Module:
+    """The config's loss on ``device`` (toolkit/objectives.py), with any parameters of its own
+    (a proxy-based loss's proxies) rank 0's on every rank: they are outside DDP."""
+    try:
+        objective = build_objective(
+            loss=cfg.loss, loss_kwargs=cfg.loss_kwargs, miner=cfg.miner, miner_kwargs=cfg.miner_kwargs, margin=cfg.margin,
+            mining=cfg.mining, squared=cfg.squared, num_classes=num_classes, embedding_dim=cfg.embedding_dim,
+        ).to(device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    state_from_main(objective)
+    return objective
 
 
 def total_skips(stream: ShardStream, accelerator) -> dict[str, int]:
@@ -282,7 +298,8 @@ def best_saved(run_dir: Path, select_by: str) -> tuple[float, float, float] | No
     return selection_score(m, select_by), float(m.get("val/map_at_r", -1.0)), float(m.get("val/knn_accuracy", -1.0))
 
 
-def resume(ckpts: CheckpointManager, state: TrainState, *, model, optimizer, scheduler, accelerator, cfg: EmbedConfig) -> bool:
+def resume(ckpts: CheckpointManager, state: TrainState, *, model, optimizer, scheduler, accelerator, cfg: EmbedConfig,
+           objective=None) -> bool:
     """Continue from the checkpoint rank 0 picks (its newest loadable one), on every rank; False when there is none.
 
     Rank 0 decides the step and broadcasts it; every rank loads that step's file (a rank
@@ -310,6 +327,8 @@ def resume(ckpts: CheckpointManager, state: TrainState, *, model, optimizer, sch
         if p:
             raise ConfigError(f"resume=true: rank {r}: {p}")
     model.load_state_dict(saved["model"])
+    if objective is not None:
+        load_objective(objective, saved.get("objective"), step)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     if accelerator.scaler is not None and saved.get("scaler"):
@@ -325,8 +344,18 @@ def resume(ckpts: CheckpointManager, state: TrainState, *, model, optimizer, sch
     return True
 
 
+def load_objective(objective: torch.nn.Module, saved, step: int) -> None:
+    """A checkpoint's loss parameters (proxies) into ``objective``; one line when they do not fit."""
+    try:
+        objective.load_state_dict(saved if isinstance(saved, dict) else {})
+    except (RuntimeError, TypeError) as exc:
+        first = str(exc).strip().splitlines()
+        raise CheckpointError(f"the checkpoint of step {step} holds other loss parameters than loss={type(objective).__name__} "
+                              f"here ({first[-1].strip() if first else exc}): the number of classes or the loss changed") from None
+
+
 def save_checkpoint(ckpts: CheckpointManager, state: TrainState, *, model, optimizer, scheduler, accelerator,
-                    config: dict, metrics_records: int = 0) -> None:
+                    config: dict, metrics_records: int = 0, objective=None) -> None:
     """A complete checkpoint of ``state.step`` (rank 0 writes; every rank's RNG goes in). A collective."""
     if state.saved == state.position():
         return  # exactly this state is on disk already (the same on every rank: no rank skips alone)
@@ -335,6 +364,7 @@ def save_checkpoint(ckpts: CheckpointManager, state: TrainState, *, model, optim
         ckpts.save(
             {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "objective": objective.state_dict() if objective is not None else {},  # a loss's proxies
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "rng": rngs, **state.state_dict(), "config": config,
                 "metrics_records": int(metrics_records),  # metrics.jsonl records so far: a resume keeps these
@@ -454,7 +484,11 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    objective = make_objective(cfg, num_classes=len(info.classes), device=device)
+    groups = [{"params": list(model.parameters())}]
+    if list(objective.parameters()):  # a proxy-based loss: its parameters train with the model
+        groups.append({"params": list(objective.parameters()), "lr": cfg.loss_lr or cfg.lr})
+    optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # With max_minutes the cosine decay follows the clock too: it reaches 0 when the budget
     # ends, whichever of steps and time ends it (a slower machine still anneals fully).
     scheduler = build_scheduler(optimizer, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps,
@@ -474,7 +508,8 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
     # --- resume, or refuse to start over an earlier run -------------------------------------
     ckpts = CheckpointManager(run_dir / CHECKPOINTS_DIR, keep_last=cfg.keep_last)
     state = TrainState()
-    if cfg.resume and resume(ckpts, state, model=bare, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator, cfg=cfg):
+    if cfg.resume and resume(ckpts, state, model=bare, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator, cfg=cfg,
+                             objective=objective):
         tracker.rewind(state.step, state.metrics_records)  # metrics.jsonl: what was logged after the checkpoint goes
         accelerator.print(f"resumed from step {state.step} (epoch {state.epoch}, batch {state.epoch_step}) in {run_dir}")
     elif cfg.resume:
@@ -486,7 +521,7 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
     def save() -> None:  # a collective (save_checkpoint): every rank calls it at the same points
         state.seconds = budget.tick(device)  # validations included
         save_checkpoint(ckpts, state, model=bare, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator,
-                        config=asdict(cfg), metrics_records=tracker.records)
+                        config=asdict(cfg), metrics_records=tracker.records, objective=objective)
 
     # --- train: epochs of exactly steps_per_epoch batches on every rank -----------------------
     start = time.time()
@@ -503,9 +538,8 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
                 continue  # resuming mid-epoch: replay the data order up to the saved batch
             try:
                 stats = train_step(
-                    model, optimizer, scheduler, accelerator, images, labels, input_size=cfg.input_size,
-                    margin=cfg.margin, mining=cfg.mining, squared=cfg.squared, grad_clip=cfg.grad_clip,
-                    augment=cfg.augment, channels_last=cfg.channels_last, on_nonfinite=cfg.on_nonfinite,
+                    model, optimizer, scheduler, accelerator, images, labels, objective=objective,
+                    input_size=cfg.input_size, grad_clip=cfg.grad_clip, augment=cfg.augment, channels_last=cfg.channels_last, on_nonfinite=cfg.on_nonfinite,
                 )
             except NonFiniteLossError as exc:
                 raise NonFiniteLossError(
@@ -523,11 +557,15 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
             if state.step % cfg.log_every == 0:
                 dt = max(1e-9, time.time() - t_log)
                 logs = {
-                    "train/loss": float(stats["loss"]), "train/active_fraction": float(stats["active_fraction"]),
-                    "train/lr": scheduler.get_last_lr()[0], "train/images_per_s": images_seen / dt, "epoch": state.epoch,
+                    "train/loss": float(stats["loss"]), "train/lr": scheduler.get_last_lr()[0],
+                    "train/images_per_s": images_seen / dt, "epoch": state.epoch,
                 }
+                shown = {"loss": f"{logs['train/loss']:.4f}"}
+                if "active_fraction" in stats:  # the triplet loss's share of terms still inside the margin
+                    logs["train/active_fraction"] = float(stats["active_fraction"])
+                    shown["active"] = f"{logs['train/active_fraction']:.2f}"
                 tracker.log(logs, step=state.step)
-                bar.set_postfix(loss=f"{logs['train/loss']:.4f}", active=f"{logs['train/active_fraction']:.2f}")
+                bar.set_postfix(**shown)
                 images_seen, t_log = 0, time.time()
             if cfg.ckpt_every and state.step % cfg.ckpt_every == 0:
                 save()
