@@ -80,6 +80,31 @@ def test_safetensors_weights_rebuild_the_embedder(tmp_path_factory, tmp_path):
     assert torch.equal(got, toolkit_embeddings(base["embed"], images))
 
 
+def test_a_training_checkpoints_weights_export_as_safetensors(tmp_path_factory, tmp_path, capsys):
+    """--step N: checkpoint N's weights (not the best embedder's); class names from the run's
+    best_embedder.pt, or from the shards when the run has none yet; a missing step is one line."""
+    from safetensors.torch import load_file
+
+    from toolkit.artifacts import EMBEDDER_FILE, load_artifact
+    from toolkit.cli import main
+    from toolkit.files import atomic_torch_save
+
+    base = shared_embed_run(tmp_path_factory)
+    best = load_artifact(base["embed"] / EMBEDDER_FILE)
+    weights = {k: v + 1.0 if v.is_floating_point() else v for k, v in best.model.items()}  # not the best's
+    run = tmp_path / "run"
+    atomic_torch_save({"model": weights, "optimizer": {}, "config": best.config, "step": 7}, run / "checkpoints" / "step-000000007.pt")
+    meta = export_model(run, tmp_path / "st", format="safetensors", step=7)  # no best_embedder.pt: classes from the shards
+    assert meta["embedder"]["step"] == 7 and meta["classes"] == best.classes and meta["source"].endswith("step-000000007.pt")
+    got = load_file(str(tmp_path / "st" / "embedder.safetensors"))
+    assert got.keys() == weights.keys() and all(torch.equal(got[k], weights[k]) for k in weights)
+    atomic_torch_save(best.to_payload(), run / EMBEDDER_FILE)
+    main(["export-model", str(run), "--out", str(tmp_path / "ts"), "--format", "torchscript", "--step", "7"])
+    assert "exported torchscript" in capsys.readouterr().out
+    with pytest.raises(DataError, match=r"no checkpoint of step 5 \(checkpoints: 7\)"):
+        export_model(run, tmp_path / "x", format="safetensors", step=5)
+
+
 def test_export_never_replaces_a_folder_it_did_not_write(tmp_path_factory, tmp_path, capsys):
     from toolkit.cli import main
 

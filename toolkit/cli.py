@@ -380,7 +380,7 @@ def export(run: str, *, out: str, shards: str = "", split: str = "val", device: 
     print(f"exported {n} {split} embeddings: {files['table']} (+ {files['embeddings'].name}, {files['keys'].name}, {files['labels'].name})")
 
 
-def export_model(run: str, *, out: str, format: str = "onnx", shards: str = "", overwrite: bool = False):
+def export_model(run: str, *, out: str, format: str = "onnx", shards: str = "", overwrite: bool = False, step: int = 0):
     """Write a trained embedder (and its head) for serving: ONNX, TorchScript or safetensors, with model.json.
 
     The ONNX and TorchScript graphs take uint8 images (N, C, H, W) at the shard-time size and
@@ -396,10 +396,11 @@ def export_model(run: str, *, out: str, format: str = "onnx", shards: str = "", 
         format: onnx (needs the onnx package: pip install "toolkit[export]"), torchscript or safetensors.
         shards: shard folder whose preprocessing to record (default: the one the embedder was trained on).
         overwrite: replace OUT if `toolkit export-model` wrote it (anything else at OUT is refused).
+        step: export the weights of training checkpoint RUN/checkpoints/step-N instead of the best embedder (0).
     """
     from toolkit.export_model import export_model as write_export
 
-    meta = write_export(run, out, format=format, overwrite=overwrite, shards=shards or None)
+    meta = write_export(run, out, format=format, overwrite=overwrite, shards=shards or None, step=step)
     files = ", ".join(f["file"] for f in meta["files"].values())
     print(f"exported {meta['format']}: {out}/{{{files}, model.json}}")
 

@@ -1,6 +1,6 @@
 """``toolkit export-model``: a trained embedder (and head) as files a service can load without the toolkit.
 
-    toolkit export-model RUN --out DIR --format onnx|torchscript|safetensors
+    toolkit export-model RUN --out DIR --format onnx|torchscript|safetensors [--step N]
 
 The exported graph takes what the shards hold: uint8 images ``(N, C, H, W)`` at the
 shard-time size, and does the rest itself (to float, ``(x / 255 - 0.5) / 0.5``, bilinear
@@ -12,7 +12,8 @@ and resizes as ``toolkit shard`` did (``preprocess`` in ``model.json``). Files i
     embedder.onnx | embedder.pt (TorchScript) | embedder.safetensors (weights only)
     head.onnx | head.pt | head.safetensors     when RUN is a classifier run: embeddings -> log-probabilities
 
-ONNX export needs the ``onnx`` package (``pip install "toolkit[export]"`` installs it
+``--step N`` exports training checkpoint N's weights instead of the best embedder (so
+checkpoint weights can be written as safetensors too). ONNX export needs the ``onnx`` package (``pip install "toolkit[export]"`` installs it
 with onnxruntime, which checks it); safetensors needs ``safetensors``. The folder is written
 beside DIR and moved into place when complete; ``--overwrite`` replaces only a folder this
 command wrote.
@@ -89,9 +90,47 @@ def _write(module: torch.nn.Module, example: torch.Tensor, path: Path, fmt: str,
         )
 
 
+def checkpoint_run(run_dir: str | Path, step: int) -> Run:
+    """The embedder of training checkpoint ``step`` of the embedding run ``run_dir``, as a :class:`Run`.
+
+    Weights and config come from ``checkpoints/step-*.pt`` (loaded like every model file: no
+    pickle code, size-checked); the class names from the run's best_embedder.pt, else from the
+    shards the config names (a local folder only). A checkpoint has no kNN index and no metrics.
+    """
+    from toolkit.artifacts import CHECKPOINTS_DIR, EMBEDDER_FILE, EmbedderArtifact, load_artifact, recorded_shards
+    from toolkit.checkpoint import CheckpointManager
+    from toolkit.files import safe_load
+
+    run_dir = Path(run_dir)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        raise ConfigError(f"--step must be a checkpoint's step number (>= 1), got {step!r}")
+    if not run_dir.is_dir():
+        raise DataError(f"--step needs an embedding run folder, got {run_dir}")
+    ckpts = CheckpointManager(run_dir / CHECKPOINTS_DIR)
+    path = ckpts.directory / ckpts.filename(step)
+    if not path.is_file():
+        steps = [s for s, _ in ckpts.step_files()]
+        raise DataError(f"{run_dir}: no checkpoint of step {step} (checkpoints: {', '.join(map(str, steps)) or 'none'})")
+    saved = safe_load(path)
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise DataError(f"{path}: not a toolkit training checkpoint (no config inside)")
+    best = run_dir / EMBEDDER_FILE
+    if best.is_file():
+        classes = load_artifact(best).classes
+    else:
+        from toolkit.data.shards import read_info
+
+        classes = read_info(recorded_shards(saved["config"], path)).classes
+    payload = {"model": saved.get("model"), "config": saved["config"], "classes": list(classes), "step": step}
+    return Run(embedder_path=path, embedder=EmbedderArtifact.from_payload(payload, path))
+
+
 def export_model(run: str | Path | Run, out: str | Path, *, format: str = "onnx", overwrite: bool = False,
-                 shards: str | Path | None = None) -> dict:
-    """Write RUN's embedder (and head) to ``out`` in ``format``; returns the manifest (model.json)."""
+                 shards: str | Path | None = None, step: int = 0) -> dict:
+    """Write RUN's embedder (and head) to ``out`` in ``format``; returns the manifest (model.json).
+
+    ``step`` (an embedding run folder only): the weights of that training checkpoint instead
+    of the best embedder."""
     from toolkit.inference import preprocess_params
 
     fmt = str(format).lower()
@@ -101,7 +140,7 @@ def export_model(run: str | Path | Run, out: str | Path, *, format: str = "onnx"
     check_replaceable(out, EXPORT_FOLDER, overwrite=overwrite)  # before any work
     if fmt == "onnx":
         _need("onnx", "export")
-    run = open_run(run)
+    run = checkpoint_run(run, step) if step else open_run(run)
     saved = run.embedder
     pre = preprocess_params(run, shards)
     model = build_frozen_embedder(saved, "cpu")
