@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import yaml
 
 from toolkit.data.location import from_file_message, is_local_location
-from toolkit.errors import ConfigError
+from toolkit.errors import ConfigError, missing_extra
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -221,7 +221,7 @@ def check_tracker_installed(kind: str) -> None:
 
     module = {"tensorboard": "tensorboard", "mlflow": "mlflow"}.get(kind)
     if module and importlib.util.find_spec(module) is None:
-        raise ConfigError(f"tracker={kind} needs the {module} package: pip install \"toolkit[{kind}]\" (or pip install {module})")
+        raise missing_extra(f"tracker={kind}", module, kind)
 
 
 def check_nonempty(cfg, names: Sequence[str]) -> None:

@@ -27,6 +27,11 @@ class TarError(Exception):
     """A damaged or non-tar shard (raised by the tar reader, skipped or reported by the stream)."""
 
 
+def missing_extra(what: str, module: str, extra: str) -> ConfigError:
+    """The one line for an optional package that is not installed: ``what`` needs it, and how to get it."""
+    return ConfigError(f"{what} needs the {module} package: pip install \"toolkit[{extra}]\" (or pip install {module})")
+
+
 def one_line(exc: BaseException, limit: int = 200) -> str:
     """``Type: first line of the message`` (cut at ``limit``), for per-file reasons and one-line errors."""
     text = str(exc).splitlines()[0][:limit] if str(exc) else ""

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from toolkit.artifacts import Run, build_frozen_embedder, open_run
-from toolkit.errors import ConfigError, DataError
+from toolkit.errors import ConfigError, DataError, missing_extra
 from toolkit.files import (
     OwnedFolder, atomic_write_json, check_replaceable, json_kind_is, move_into_place, new_temp_folder, sha256_file,
 )
@@ -68,7 +68,7 @@ def _need(module: str, extra: str) -> Any:
     try:
         return __import__(module)
     except ImportError:
-        raise ConfigError(f"--format needs the {module} package: pip install \"toolkit[{extra}]\" (or pip install {module})") from None
+        raise missing_extra("--format", module, extra) from None
 
 
 def _write(module: torch.nn.Module, example: torch.Tensor, path: Path, fmt: str, *, input_name: str, output_name: str) -> None:

@@ -223,10 +223,9 @@ class Tracker(NullTracker):
         try:
             __import__(module)
         except ImportError:
-            from toolkit.errors import ConfigError
+            from toolkit.errors import missing_extra
 
-            raise ConfigError(f"tracker={kind} needs the {module} package: pip install \"toolkit[{kind}]\" "
-                              f"(or pip install {module})") from None
+            raise missing_extra(f"tracker={kind}", module, kind) from None
         from accelerate.tracking import MLflowTracker, TensorBoardTracker
 
         if kind == "tensorboard":
