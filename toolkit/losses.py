@@ -214,6 +214,29 @@ def _positive_table(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return cols.gather(1, keep), ok.gather(1, keep)
 
 
+def _row_positive_table(labels: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_positive_table` for the anchors ``rows`` only: (b, M) columns and validity.
+
+    From the (b, B) same-label mask, O(b * B) with no sort: what a rank mining its own
+    b = B / W anchors pays (M: the largest positive count among them).
+    """
+    B = labels.shape[0]
+    own = torch.arange(rows.start, rows.stop, device=labels.device)
+    same = labels[rows, None] == labels[None, :]  # (b, B)
+    same[torch.arange(own.shape[0], device=labels.device), own] = False  # not oneself
+    counts = same.sum(dim=1)  # (b,)
+    M = int(counts.max()) if counts.numel() else 0
+    if M == 0:
+        empty = torch.zeros((own.shape[0], 0), dtype=torch.long, device=labels.device)
+        return empty, empty.bool()
+    r, c = same.nonzero(as_tuple=True)  # row-major: each row's positives in column order
+    slot = torch.arange(r.shape[0], device=labels.device) - (torch.cumsum(counts, 0) - counts)[r]  # rank in its row
+    cols = torch.zeros((own.shape[0], M), dtype=torch.long, device=labels.device)
+    cols[r, slot] = c
+    ok = torch.arange(M, device=labels.device)[None, :] < counts[:, None]  # (b, M)
+    return cols, ok
+
+
 def _block_distances(emb: torch.Tensor, sq_norm: torch.Tensor, rows: slice, squared: bool) -> torch.Tensor:
     """Distances from the anchors `rows` to every sample, (rows, B), ||a||^2+||b||^2-2ab form."""
     block = emb[rows]  # (c, D)
@@ -234,12 +257,14 @@ def _mine(emb, labels, strategy, squared, dense=None, rows: slice | None = None)
     """
     B = emb.shape[0]
     rows = slice(0, B) if rows is None else rows
-    cols, ok = _positive_table(labels)  # (B, M), M = largest class size - 1
-    cols, ok = cols[rows], ok[rows]  # (b, M): the anchors' positives
+    if rows.stop - rows.start < B:  # a share of the anchors (own-anchor mining): only their rows
+        cols, ok = _row_positive_table(labels, rows)  # (b, M)
+    else:
+        cols, ok = _positive_table(labels)  # (B, M), M = largest class size - 1
     b, M = cols.shape
     if M == 0:  # every class is a singleton: no anchor-positive pair
         return cols.new_empty(0), cols.new_empty(0), cols.new_empty(0)
-    sq_norm = emb.pow(2).sum(dim=1) if dense is None else None  # (B,), for _block_distances
+    sq_norm = torch.linalg.vector_norm(emb, dim=1).square_() if dense is None else None  # (B,), for _block_distances
     scan = strategy == "semihard" and M <= _SCAN_MAX_POSITIVES
     per_row = B * (M if scan else 1)
     budget = _BLOCK_ELEMENTS * (_GPU_BLOCK_FACTOR if emb.device.type == "cuda" else 1)

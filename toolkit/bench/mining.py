@@ -140,10 +140,17 @@ def _int_list(value) -> list[int]:
     return [int(x) for x in str(value).split(",") if x.strip()]
 
 
+# Short calls repeat until this much time is spent (timeit's autorange idea): a millisecond
+# call timed 3 times is mostly noise, and the best of many is the stable estimate.
+_MIN_TIMED_S = 0.3
+_MAX_CALLS = 200
+
+
 def _best_seconds(fn, emb: torch.Tensor, repeats: int, device: str) -> float:
-    """Best of ``repeats`` timed forward + backward calls of ``fn(emb)``, after one warm-up."""
-    times = []
-    for _ in range(repeats + 1):
+    """Best of at least ``repeats`` timed forward + backward calls of ``fn(emb)`` (more for short
+    calls, until ~0.3 s is spent), after one warm-up."""
+    times: list[float] = []
+    while len(times) < repeats + 1 or (sum(times[1:]) < _MIN_TIMED_S and len(times) < _MAX_CALLS):
         e = emb.clone().requires_grad_(True)
         if device == "cuda":
             torch.cuda.synchronize()
