@@ -55,6 +55,17 @@ def test_every_launch_command_in_the_readme_is_a_valid_config(monkeypatch):
         assert isinstance(config_from_argv(EmbedConfig, args), EmbedConfig), args
 
 
+def test_launch_help_lists_every_key_with_its_default_and_meaning(tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    r = _launch_in_process(tmp_path, monkeypatch, capsys, "--help")
+    assert r.returncode == 0 and r.stdout.startswith("usage: accelerate launch launch/embed.py"), r.stdout[:300]
+    listed = {line.split("=")[0].strip() for line in r.stdout.splitlines() if line.startswith("  ")}
+    assert listed == {f.name for f in dataclasses.fields(EmbedConfig)}
+    assert "  loss='triplet'  # triplet (built-in" in r.stdout and "  knn_k=13" in r.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
 @pytest.mark.parametrize("path", EMBED_CONFIGS, ids=lambda p: p.name)
 def test_embed_config_loads(path):
     cfg = load_config(EmbedConfig, path)

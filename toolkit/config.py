@@ -179,6 +179,28 @@ def config_from_argv(cls, argv: Sequence[str]):
     return load_config(cls, path, overrides)
 
 
+def wants_help(argv: Sequence[str]) -> bool:
+    return any(a in ("-h", "--help") for a in argv)
+
+
+def config_help(cls, usage: str) -> str:
+    """``--help`` of a launch script: ``usage``, then every key of ``cls`` with its default and
+    the comment beside it in the dataclass (the source is the one place keys are explained)."""
+    import inspect
+    import re
+
+    comments: dict[str, str] = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?(?:#\s*(.*))?$", line)
+        if m and m.group(2):
+            comments[m.group(1)] = m.group(2).strip()
+    lines = [usage, "", f"{cls.__doc__.splitlines()[0]}", "", "keys (default, then what it does):"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  {f.name}={default!r}" + (f"  # {comments[f.name]}" if f.name in comments else ""))
+    return "\n".join(lines)
+
+
 def to_dict(cfg) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 

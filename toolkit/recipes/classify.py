@@ -15,12 +15,15 @@ import shlex
 import sys
 from pathlib import Path
 
-from toolkit.config import ClassifyConfig, config_from_argv, to_dict
+from toolkit.config import ClassifyConfig, config_from_argv, config_help, to_dict, wants_help
 from toolkit.errors import ConfigError, DataError
 
 
 def main(argv: list[str]) -> int:
     # 1. Config and inputs: fail fast, before processes sync or data is read.
+    if wants_help(argv):
+        print(config_help(ClassifyConfig, "usage: accelerate launch launch/classify.py embedder=RUN [--config FILE.yaml] [key=value | --key=value ...]"))
+        return 0
     try:
         cfg = config_from_argv(ClassifyConfig, argv)
         from toolkit.data.shards import check_trainable, read_info
