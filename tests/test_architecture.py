@@ -48,7 +48,7 @@ def test_layers_import_only_downwards():
     graph = import_graph()
     top = ("toolkit.cli", "toolkit.__main__", "toolkit.recipes", "toolkit.bench", "toolkit.sweep")
     basics = ("toolkit.errors", "toolkit.files", "toolkit.progress", "toolkit.distributed", "toolkit.data", "toolkit.config",
-              "toolkit.knn", "toolkit.search", "toolkit.retrieval", "toolkit.losses", "toolkit.models")
+              "toolkit.knn", "toolkit.search", "toolkit.retrieval", "toolkit.losses", "toolkit.objectives", "toolkit.models")
     for module, deps in graph.items():
         for dep in deps:
             if dep.startswith("toolkit.engine"):
