@@ -248,8 +248,8 @@ def brute_unknown(ref, ry, val, vy, fmr):
 @pytest.mark.parametrize("fmr", [0.01, 0.1])
 def test_calibrate_unknown_matches_brute_force(fmr, monkeypatch):
     searches = []
-    nearest = retrieval.search.nearest
-    monkeypatch.setattr(retrieval.search, "nearest", lambda ref, q, k, **kw: searches.append((len(ref), k)) or nearest(ref, q, k, **kw))
+    exact = retrieval.search.ExactReference.search
+    monkeypatch.setattr(retrieval.search.ExactReference, "search", lambda ref, q, k: searches.append((len(ref), k)) or exact(ref, q, k))
     rng = np.random.default_rng(12)
     centres = rng.standard_normal((8, 16))
     ref, ry = clustered(600, 8, seed=13, spread=0.15, centres=centres)  # ~75 a class: top-32 all own class

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from toolkit import distributed
+from toolkit import distributed, search
 from toolkit.artifacts import Run, build_frozen_embedder, check_classes, default_device, load_head, open_run
 from toolkit.data.shards import read_info
 from toolkit.data.stream import ShardStream, make_loader
@@ -54,8 +54,13 @@ def embed_split(
     num_workers: int = 2,
     autocast=None,
     channels_last: bool = False,
+    sort_by_key: bool = False,
 ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """This rank's share of ``split``: (keys, embeddings (N, D) float32 CPU, labels (N,))."""
+    """This rank's share of ``split``: (keys, embeddings (N, D) float32 CPU, labels (N,)).
+
+    ``sort_by_key``: rows in key order (what the validator merges by), assembled batch by batch
+    into the result, each batch freed as it is placed: no second copy of the share at the end.
+    Otherwise in stream order."""
     was_training = model.training
     model.eval()
     stream = ShardStream(shards, split=split, mode="eval", rank=rank, world_size=world_size, batch_size=batch_size)
@@ -70,11 +75,23 @@ def embed_split(
         labels.append(y)
     model.train(was_training)
     dim = embs[0].shape[1] if embs else 0
-    return (
-        keys,
-        torch.cat(embs) if embs else torch.zeros(0, dim),
-        torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
-    )
+    if not sort_by_key or not embs:
+        return (
+            keys,
+            torch.cat(embs) if embs else torch.zeros(0, dim),
+            torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
+        )
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    where = np.empty(len(keys), dtype=np.int64)
+    where[order] = np.arange(len(keys))  # stream row -> its row in key order
+    out, out_labels = torch.empty(len(keys), dim), torch.empty(len(keys), dtype=labels[0].dtype)
+    offset = 0
+    for _ in range(len(embs)):
+        e, y = embs.pop(0), labels.pop(0)  # each batch is freed once it is placed
+        dest = torch.from_numpy(where[offset : offset + len(e)])
+        out[dest], out_labels[dest] = e, y
+        offset += len(e)
+    return [keys[i] for i in order], out, out_labels
 
 
 def gather_to_main(keys: list[str], emb: torch.Tensor, labels: torch.Tensor):
@@ -370,19 +387,25 @@ BLAS_QUERY_ELEMENTS = 128_000
 
 
 def _sorted_share(part):
-    """A rank's (keys, emb, labels), sorted by key (the order :func:`gather_to_main` assembles)."""
+    """A rank's (keys as UTF-8 bytes, emb, labels), sorted by key (the order :func:`gather_to_main`
+    assembles: byte order of UTF-8 is code-point order). A share already in key order (what
+    :func:`embed_split` returns) is not copied."""
     keys, emb, labels = part
-    order = np.argsort(np.asarray(keys, dtype=object)) if len(keys) else np.zeros(0, dtype=np.int64)
+    encoded = np.array([k.encode() for k in keys], dtype="S") if len(keys) else np.zeros(0, dtype="S1")
+    if len(encoded) < 2 or bool((encoded[:-1] < encoded[1:]).all()):
+        return encoded, emb, labels
+    order = np.argsort(encoded, kind="stable")
     idx = torch.from_numpy(order.astype(np.int64))
-    return [keys[i] for i in order], emb[idx], labels[idx]
+    return encoded[order], emb[idx], labels[idx]
 
 
-def _share_candidates(train_emb: torch.Tensor, queries: torch.Tensor, *, k: int, depth: int, unknown: bool,
-                      query_labels: np.ndarray, train_labels: np.ndarray, centre: np.ndarray) -> dict:
+def _share_candidates(train_emb: torch.Tensor, reference, queries: torch.Tensor, *, k: int, depth: int, unknown: bool,
+                      query_labels: np.ndarray, train_labels: np.ndarray) -> dict:
     """What one rank's references contribute: per query its k nearest (exact, float64
     distances), its ``depth`` nearest as the faiss search ranks them (float32 squared
-    distances) and, with ``unknown``, the nearest same-class and other-class distances."""
-    from toolkit import search
+    distances) and, with ``unknown``, the nearest same-class and other-class distances.
+    ``reference``: ``train_emb`` as a :class:`toolkit.search.ExactReference` around the
+    whole split's centre, made once per validation (not per block of queries)."""
     from toolkit.knn import knn_neighbors
     from toolkit.retrieval import nearest_own_and_other
 
@@ -399,10 +422,9 @@ def _share_candidates(train_emb: torch.Tensor, queries: torch.Tensor, *, k: int,
             rows = idx[s : s + step]
             d[s : s + step] = (train_emb[rows].double() - queries[s : s + step].double()[:, None, :]).pow(2).sum(2).numpy()
         out["knn_d"], out["knn_i"] = d, idx.numpy()
-        out["rank_d"], out["rank_i"] = search.nearest(train_emb.numpy(), queries.numpy(), min(depth, n), centre=centre)
+        out["rank_d"], out["rank_i"] = reference.search(queries.numpy(), min(depth, n))
     if unknown:
-        out["own"], out["other"] = nearest_own_and_other(train_emb.numpy(), train_labels, queries.numpy(), query_labels,
-                                                         centre=centre)
+        out["own"], out["other"] = nearest_own_and_other(reference, train_labels, queries.numpy(), query_labels)
     return out
 
 
@@ -438,22 +460,25 @@ def sharded_val_metrics(train_local, val_local, *, k: int = 13, unknown_fmr: flo
     from toolkit.retrieval import _same_class_counts, calibrate_from_distances, query_gallery, ranking_depth
 
     keys_t, emb_t, lab_t = _sorted_share(train_local)
-    # keys, labels and the float64 sum of the embeddings (the searches' centre: the mean of all)
-    # (a rank that read no train sample sends no sum: its empty share may have no width)
-    shares = distributed.all_gather_object((keys_t, lab_t, emb_t.double().sum(0).numpy() if len(keys_t) else None))
+    # keys (UTF-8 bytes in one array: a few bytes each, not a Python string each), labels and
+    # the float64 sum of the embeddings (the searches' centre: the mean of all); a rank that
+    # read no train sample sends no sum: its empty share may have no width
+    shares = distributed.all_gather_object((keys_t, lab_t, emb_t.sum(0, dtype=torch.float64).numpy() if len(keys_t) else None))
     sums = [s for _, _, s in shares if s is not None]
     centre = sum(sums) / max(1, sum(len(ks) for ks, _, _ in shares)) if sums else None
-    all_keys = np.asarray([key for ks, _, _ in shares for key in ks], dtype=object)
+    all_keys = np.concatenate([ks for ks, _, _ in shares if len(ks)]) if any(len(ks) for ks, _, _ in shares) else np.zeros(0, "S1")
     all_labels = torch.cat([lab for ks, lab, _ in shares if len(ks)]).numpy() if len(all_keys) else np.zeros(0, dtype=np.int64)
-    if len(set(all_keys.tolist())) != len(all_keys):
-        raise RuntimeError(f"validation saw {len(all_keys) - len(set(all_keys.tolist()))} duplicate samples")
-    order = np.argsort(all_keys)
+    distinct = len(np.unique(all_keys))
+    if distinct != len(all_keys):
+        raise RuntimeError(f"validation saw {len(all_keys) - distinct} duplicate samples")
+    order = np.argsort(all_keys, kind="stable")
     position = np.empty(len(all_keys), dtype=np.int64)
     position[order] = np.arange(len(all_keys))  # concatenated index -> position in key order
-    rank, _ = distributed.world()
+    rank, world = distributed.world()
     start = sum(len(ks) for ks, _, _ in shares[:rank])
     my_position = position[start : start + len(keys_t)]  # this rank's rows -> global positions
     train_labels = all_labels[order]  # (N,) in key order
+    del shares, all_keys, all_labels, order, position  # only the positions and labels are needed from here
 
     val_parts = distributed.all_gather_object(val_local)
     val_keys = [key for p in val_parts for key in p[0]]
@@ -472,18 +497,19 @@ def sharded_val_metrics(train_local, val_local, *, k: int = 13, unknown_fmr: flo
     if unknown_fmr is not None and len(np.unique(train_labels)) < 2:
         raise DataError(f"unknown threshold: the reference needs at least 2 classes, got {len(np.unique(train_labels))}")
     # queries in blocks, so rank 0 holds at most CANDIDATES merged candidates at a time
-    block = max(1, CANDIDATES // (len(shares) * (k + depth)))
+    block = max(1, CANDIDATES // (world * (k + depth)))
     # faiss computes distances by sgemm from BLAS_QUERY_ELEMENTS query x dim elements per call,
     # by a direct loop below: blocks at least that large round like one search of every query
     if len(ql) * val_emb.shape[1] >= BLAS_QUERY_ELEMENTS:
         block = max(block, -(-BLAS_QUERY_ELEMENTS // max(1, val_emb.shape[1])))
     knn_w, rank_w = min(k, len(train_labels)), min(depth, len(train_labels))
     label_set, label_pos = np.unique(train_labels, return_inverse=True)  # votes count class positions
+    reference = search.ExactReference(emb_t, centre=centre)  # the share moved by the split's centre, once
     correct, sums, weights, counts_m, own, other = 0, {}, {}, {}, [], []
     for s in range(0, len(ql), block):
         rows = slice(s, s + block)
-        found = _share_candidates(emb_t, val_emb[rows], k=k, depth=depth, unknown=unknown_fmr is not None,
-                                  query_labels=ql[rows], train_labels=lab_t.numpy(), centre=centre)
+        found = _share_candidates(emb_t, reference, val_emb[rows], k=k, depth=depth, unknown=unknown_fmr is not None,
+                                  query_labels=ql[rows], train_labels=lab_t.numpy())
         for name in ("knn_i", "rank_i"):
             found[name] = my_position[found[name]] if found[name].size else found[name]
         parts = distributed.gather_object_to_main(found)

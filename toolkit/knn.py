@@ -245,10 +245,15 @@ def _faiss_blocks(train, query, c, block):
 
     device = train.device
     gpu = device.type == "cuda" and faiss_on_gpu()
-    index = search.build_index(train, device=device if gpu else None)
+    if gpu:
+        index = search.build_index(train, device=device)
+        find = lambda q: search.search(index, q, c)  # noqa: E731
+    else:  # searched in place: no index copy of the train rows
+        rows = search.as_float32(train)
+        find = lambda q: search.exact_search(rows, q, c)  # noqa: E731
     q32 = search.as_float32(query)  # CPU array; faiss copies a GPU index's queries itself
     for s in range(0, q32.shape[0], block):
-        dist, ids = search.search(index, q32[s : s + block], c)
+        dist, ids = find(q32[s : s + block])
         dist = torch.from_numpy(dist).to(device)
         ids = torch.from_numpy(ids).to(device)
         worst = dist.max(dim=1).values.double()
@@ -311,7 +316,7 @@ def knn_neighbors(train_emb, query_emb, *, k: int = 13, block: int | None = None
         return _exact_rows(train, query64, k)
 
     qn_all = query64.pow(2).sum(1)  # (Q,)
-    t_max = float(train.float().pow(2).sum(1).max().sqrt()) * (1 + 1e-5)
+    t_max = float(torch.linalg.vector_norm(train.float(), dim=1).max()) * (1 + 1e-5)  # no (N, D) temporary
     if backend == "faiss":
         if not block:  # even blocks: a short last one could fall below faiss's BLAS threshold
             block = -(-query.shape[0] // -(-query.shape[0] // FAISS_BLOCK))

@@ -430,15 +430,16 @@ def _largest_below(u: float, *observed: np.ndarray) -> float:
     return best if best > -math.inf else float(np.nextafter(u, -np.inf))
 
 
-def nearest_own_and_other(ref: np.ndarray, ref_y: np.ndarray, val: np.ndarray, val_y: np.ndarray, first_k: int = 32,
+def nearest_own_and_other(ref, ref_y: np.ndarray, val: np.ndarray, val_y: np.ndarray, first_k: int = 32,
                           centre=None):
     """(d_own, d_other) (n,) Euclidean: each val row's nearest reference of its class (inf if
     the class has none) and of another class. One search of ``first_k``; the rows it leaves
     open are searched again (another class: within own-class count + 1; own class: its own
-    index). ``centre``: the searches' centre (:func:`toolkit.search.nearest`; default the
-    mean of ``ref``), the whole reference's mean when ``ref`` is one rank's share of it."""
-    if centre is None and len(ref):
-        centre = np.asarray(ref, dtype=np.float64).mean(axis=0)
+    rows). ``ref``: the references (N, D), or a :class:`toolkit.search.ExactReference` of them
+    already centred (then ``centre`` is its own). ``centre``: the searches' centre
+    (:func:`toolkit.search.nearest`; default the mean of ``ref``), the whole reference's mean
+    when ``ref`` is one rank's share of it."""
+    ref = ref if isinstance(ref, search.ExactReference) else search.ExactReference(ref, centre=centre)
     n = len(ref)
     if n == 0:
         return np.full(len(val), np.inf), np.full(len(val), np.inf)
@@ -461,19 +462,19 @@ def nearest_own_and_other(ref: np.ndarray, ref_y: np.ndarray, val: np.ndarray, v
 
     rows = np.arange(len(val))
     k = min(n, first_k)
-    d2, ids = search.nearest(ref, val, k, centre=centre)
+    d2, ids = ref.search(val, k)
     first_hits(rows, d2, ids)
     if k < n:
         # another class: at most own_count references come before it
         open_other = np.flatnonzero(~np.isfinite(d_other))
         if len(open_other):
             k2 = min(n, int(own_count[open_other].max()) + 1)
-            d2, ids = search.nearest(ref, val[open_other], k2, centre=centre)
+            d2, ids = ref.search(val[open_other], k2)
             first_hits(open_other, d2, ids)
         open_own = np.flatnonzero(~np.isfinite(d_own) & (own_count > 0))
         for c in np.unique(val_y[open_own]):
             rows_c = open_own[val_y[open_own] == c]
-            d2, _ = search.nearest(ref[ref_y == c], val[rows_c], 1, centre=centre)
+            d2, _ = ref.subset(ref_y == c).search(val[rows_c], 1)
             d_own[rows_c] = np.sqrt(np.maximum(d2[:, 0], 0.0))
     return d_own, d_other
 

@@ -147,11 +147,75 @@ def nearest(reference, queries, k: int, spec: IndexSpec | None = None, *, device
     embedding sits in one tight cluster (early in training, unit rows within ~1e-4 of each
     other: ``||q||² + ||t||² − 2q·t`` on the raw rows would cancel to round-off and rank at random).
     """
+    if spec is None or spec.kind == "flat":
+        return ExactReference(reference, centre=centre, device=device).search(queries, k)
     ref, qry = _as_array(reference), _as_array(queries)
     if ref.ndim == 2 and len(ref):
         c = search_centre(ref.mean(axis=0, dtype=np.float64) if centre is None else centre).reshape(1, -1)
         ref, qry = _centred(ref, c), _centred(qry, c)
     return search(build_index(ref, spec, device=device), qry, k)
+
+
+class ExactReference:
+    """A reference set moved by its centre once and searched exactly any number of times.
+
+    What :func:`nearest` does per call, kept: the float32 ``reference - centre`` (centre: the
+    reference's float64 mean, or the one given, on :func:`search_centre`'s grid). On the CPU it
+    is searched in place by ``faiss.knn`` (the brute-force search ``IndexFlatL2`` runs, the
+    same distances and ids bit for bit) with no index copy of the vectors; on a CUDA
+    ``device`` through a GPU flat index. A validation searching a share of a million rows block
+    after block pays one centred copy, not a copy and an index per search.
+    """
+
+    def __init__(self, reference, *, centre=None, device=None, _centred_rows: np.ndarray | None = None):
+        if _centred_rows is not None:  # subset(): already moved by ``centre``
+            self.vectors, self.centre = _centred_rows, centre
+        else:
+            ref = _as_array(reference)
+            if ref.ndim != 2:
+                raise ValueError(f"search: expected an (N, D) array, got shape {ref.shape}")
+            self.centre = None
+            if len(ref):
+                self.centre = search_centre(ref.mean(axis=0, dtype=np.float64) if centre is None else centre).reshape(1, -1)
+                ref = _centred(ref, self.centre)
+            self.vectors = as_float32(ref)
+        self.device = device
+        gpu = device is not None and str(device).split(":")[0] == "cuda" and hasattr(_faiss(), "StandardGpuResources")
+        self._index = build_index(self.vectors, device=device) if gpu or not len(self.vectors) else None
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def subset(self, rows) -> "ExactReference":
+        """The references ``rows`` (a mask or indices), moved by the same centre (no re-centring)."""
+        return ExactReference(None, centre=self.centre, device=self.device,
+                              _centred_rows=np.ascontiguousarray(self.vectors[rows]))
+
+    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """As :func:`search`: the ``k`` nearest references of each query (squared distances, ids)."""
+        q = _as_array(queries)
+        if q.ndim == 2 and self.centre is not None:
+            q = _centred(q, self.centre)
+        if self._index is not None:
+            return search(self._index, q, k)
+        return exact_search(self.vectors, q, k)
+
+
+def exact_search(vectors, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`search` of a flat index of ``vectors`` without building one: ``faiss.knn`` reads
+    the (N, D) float32 array in place (the same results as ``IndexFlatL2``, bit for bit)."""
+    x, q = as_float32(vectors), as_float32(queries)
+    if q.shape[1] != x.shape[1]:
+        raise DataError(f"cannot search {x.shape[1]}-d references with {q.shape[1]}-d queries")
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"search: k must be >= 1, got {k}")
+    if len(q) == 0:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    if len(x) == 0:
+        return search(build_index(x), q, k)
+    dist, ids = _faiss().knn(q, x, k)
+    return dist, ids.astype(np.int64, copy=False)
 
 
 def _as_array(x) -> np.ndarray:

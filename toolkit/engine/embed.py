@@ -409,7 +409,7 @@ def validate(model, state: TrainState, *, cfg: EmbedConfig, info: ShardInfo, acc
         local[split] = embed_split(
             model, shards=cfg.shards, split=split, rank=rank, world_size=world, device=accelerator.device,
             input_size=cfg.input_size, batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers,
-            autocast=accelerator.autocast, channels_last=cfg.channels_last,
+            autocast=accelerator.autocast, channels_last=cfg.channels_last, sort_by_key=True,
         )
     # val against train, sharded: the train embeddings stay on their ranks, candidates travel
     scored = sharded_val_metrics(local["train"], local["val"], k=cfg.knn_k, unknown_fmr=cfg.unknown_fmr)
