@@ -86,3 +86,19 @@ def test_no_val_query_gives_nan_metrics_and_no_unknown_distance_instead_of_an_er
     metrics, unknown, counts = sharded_val_metrics(train, empty, k=13, unknown_fmr=0.05)
     assert math.isnan(metrics["knn_accuracy"]) and math.isnan(metrics["map_at_r"])
     assert unknown is None and counts == {"train": 157, "val": 0}
+
+
+def test_a_share_is_ordered_by_key_as_the_assembled_split_is_even_for_non_ascii_keys():
+    """Train keys travel as UTF-8 bytes: their byte order must be the string order gather_to_main
+    sorts by (code points), or the merge's tie-break by position would differ from it."""
+    from toolkit.evaluation import _sorted_share, gather_to_main
+
+    keys = ["zebra/1", "Ärger/2", "apple/3", "éclair/4", "日本/5", "apple/10", "Zoo/6", "ß/7"]
+    emb = torch.arange(len(keys), dtype=torch.float32)[:, None].repeat(1, 3)
+    labels = torch.arange(len(keys))
+    got_keys, got_emb, got_labels = _sorted_share((keys, emb, labels))
+    want_keys, want_emb, want_labels = gather_to_main(keys, emb, labels)  # one process: the assembled split
+    assert [k.decode() for k in got_keys] == want_keys == sorted(keys)
+    assert torch.equal(got_emb, want_emb) and torch.equal(got_labels, want_labels)
+    again = _sorted_share((want_keys, want_emb, want_labels))  # already in key order: not copied
+    assert again[1] is want_emb
