@@ -112,7 +112,7 @@ def test_new_benchmarks_are_registered_and_check_options():
 def test_mining_bench_prints_both_sides_ratio_and_b2_cost(tmp_path):
     out = tmp_path / "mining.json"
     r = run("bench", "mining", "--sizes", "64,256", "--per_rank", "256,512", "--worlds", "1,2,8", "--repeats", 1,
-            "--objectives", "triplet,pml:MultiSimilarityLoss+pml:MultiSimilarityMiner", "--objective_sizes", "64",
+            "--objectives", "triplet,pml:MultiSimilarityLoss+pml:MultiSimilarityMiner", "--objective_sizes", "64", "--min_time", 0,
             "--out", out, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     header = _row(r.stdout, "| global batch | toolkit")

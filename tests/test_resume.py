@@ -78,7 +78,8 @@ def straight_and_resumed(tmp_path_factory, shards):
 def test_killed_and_resumed_run_ends_bit_for_bit_where_the_straight_run_ends(straight_and_resumed):
     straight, resumed, killed_after = straight_and_resumed
     a, b = safe_load(step_files(straight)[TOTAL]), safe_load(step_files(resumed)[TOTAL])
-    assert a["step"] == b["step"] == TOTAL
+    assert a["step"] == b["step"] == TOTAL and len(b["rng"]) == 2  # every rank's random state
+    assert json.loads((resumed / "checkpoints" / "latest.json").read_text())["step"] == TOTAL
     diff = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
     assert not diff, f"weights differ after resume from step {killed_after} (augment=true): {diff[:5]}"
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()

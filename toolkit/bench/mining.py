@@ -36,6 +36,11 @@ DEFAULT_SIZES = (256, 1024, 2048, 4096)
 DEFAULT_PER_RANK = (2048, 4096, 8192, 16384)
 DEFAULT_WORLDS = (1, 2, 8, 64)
 
+# Short calls repeat until this much time is spent (timeit's autorange idea): a millisecond
+# call timed 3 times is mostly noise, and the best of many is the stable estimate.
+_MIN_TIMED_S = 0.3
+_MAX_CALLS = 200
+
 
 def _batch(b: int, *, dim: int = 128, k: int = 4, seed: int = 0, device: str = "cpu"):
     g = torch.Generator().manual_seed(seed)
@@ -86,7 +91,7 @@ def _pml_fn():
     return lambda e, y: loss(e, y, miner(e, y))
 
 
-def _measure(side: str, b: int, repeats: int, device: str) -> dict:
+def _measure(side: str, b: int, repeats: int, device: str, min_time: float = _MIN_TIMED_S) -> dict:
     """Runs in a fresh process so peak memory belongs to this side alone."""
     import resource
 
@@ -97,7 +102,7 @@ def _measure(side: str, b: int, repeats: int, device: str) -> dict:
         base = torch.cuda.memory_allocated()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    seconds = _best_seconds(lambda e: fn(e, labels), emb, repeats, device)
+    seconds = _best_seconds(lambda e: fn(e, labels), emb, repeats, device, min_time)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
@@ -106,10 +111,10 @@ def _measure(side: str, b: int, repeats: int, device: str) -> dict:
     return {"side": side, "batch": b, "seconds": seconds, "peak_bytes": max(0, peak), "loss": loss}
 
 
-def _run_child(side: str, b: int, repeats: int, device: str, timeout: float) -> dict:
+def _run_child(side: str, b: int, repeats: int, device: str, timeout: float, min_time: float) -> dict:
     code = (
         "import json,sys; from toolkit.bench.mining import _measure; "
-        f"print(json.dumps(_measure({side!r}, {b}, {repeats}, {device!r})))"
+        f"print(json.dumps(_measure({side!r}, {b}, {repeats}, {device!r}, {float(min_time)!r})))"
     )
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env={**os.environ})
@@ -140,17 +145,11 @@ def _int_list(value) -> list[int]:
     return [int(x) for x in str(value).split(",") if x.strip()]
 
 
-# Short calls repeat until this much time is spent (timeit's autorange idea): a millisecond
-# call timed 3 times is mostly noise, and the best of many is the stable estimate.
-_MIN_TIMED_S = 0.3
-_MAX_CALLS = 200
-
-
-def _best_seconds(fn, emb: torch.Tensor, repeats: int, device: str) -> float:
+def _best_seconds(fn, emb: torch.Tensor, repeats: int, device: str, min_time: float = _MIN_TIMED_S) -> float:
     """Best of at least ``repeats`` timed forward + backward calls of ``fn(emb)`` (more for short
-    calls, until ~0.3 s is spent), after one warm-up."""
+    calls, until ``min_time`` seconds are spent), after one warm-up."""
     times: list[float] = []
-    while len(times) < repeats + 1 or (sum(times[1:]) < _MIN_TIMED_S and len(times) < _MAX_CALLS):
+    while len(times) < repeats + 1 or (sum(times[1:]) < min_time and len(times) < _MAX_CALLS):
         e = emb.clone().requires_grad_(True)
         if device == "cuda":
             torch.cuda.synchronize()
@@ -162,15 +161,18 @@ def _best_seconds(fn, emb: torch.Tensor, repeats: int, device: str) -> float:
     return min(times[1:])
 
 
-def per_rank_table(global_batches: list[int], worlds: list[int], repeats: int, device: str) -> tuple[list[str], list[dict]]:
+def per_rank_table(global_batches: list[int], worlds: list[int], repeats: int, device: str,
+                   min_time: float = _MIN_TIMED_S) -> tuple[list[str], list[dict]]:
     """Every-rank-mines-all vs rank 0's own-anchor share for each W, ms per step."""
     from toolkit.losses import own_anchor_loss, triplet_loss
 
     rows = []
     for g in global_batches:
         emb, labels = _batch(g, device=device)
-        everyone = _best_seconds(lambda e: triplet_loss(e, labels, margin=0.2, strategy="semihard")[0], emb, repeats, device)
-        own = {w: _best_seconds(lambda e, b=g // w: own_anchor_loss(e, labels, slice(0, b), margin=0.2)[0], emb, repeats, device)
+        everyone = _best_seconds(lambda e: triplet_loss(e, labels, margin=0.2, strategy="semihard")[0], emb, repeats, device,
+                                 min_time)
+        own = {w: _best_seconds(lambda e, b=g // w: own_anchor_loss(e, labels, slice(0, b), margin=0.2)[0], emb, repeats, device,
+                                min_time)
                for w in worlds}
         rows.append({"global_batch": g, "all_ms": everyone * 1000, "own_ms": {w: t * 1000 for w, t in own.items()},
                      "ratio_at_max_w": everyone / own[worlds[-1]]})
@@ -189,7 +191,8 @@ DEFAULT_OBJECTIVES = ("triplet", "pml:TripletMarginLoss+pml:TripletMarginMiner",
 DEFAULT_OBJECTIVE_SIZES = (256, 1024)
 
 
-def objectives_table(specs: list[str], batch_sizes: list[int], repeats: int, device: str) -> tuple[list[str], list[dict]]:
+def objectives_table(specs: list[str], batch_sizes: list[int], repeats: int, device: str,
+                     min_time: float = _MIN_TIMED_S) -> tuple[list[str], list[dict]]:
     """ms per forward + backward of each training objective (toolkit/objectives.py, one process)."""
     from toolkit.objectives import build_objective
 
@@ -201,7 +204,7 @@ def objectives_table(specs: list[str], batch_sizes: list[int], repeats: int, dev
             emb, labels = _batch(b, device=device)
             torch.manual_seed(0)
             objective = build_objective(loss=loss, miner=miner, num_classes=b // 4, embedding_dim=emb.shape[1]).to(device)
-            row["ms"][b] = 1000 * _best_seconds(lambda e: objective(e, labels)[0], emb, repeats, device)
+            row["ms"][b] = 1000 * _best_seconds(lambda e: objective(e, labels)[0], emb, repeats, device, min_time)
         rows.append(row)
     base = rows[0]["ms"] if rows and rows[0]["objective"] == "triplet" else None
     lines = ["| objective (loss=…, +miner=…) | " + " | ".join(f"B={b:,}, ms" for b in batch_sizes)
@@ -221,6 +224,7 @@ def main(
     objectives: str = ",".join(DEFAULT_OBJECTIVES),
     objective_sizes: str = ",".join(map(str, DEFAULT_OBJECTIVE_SIZES)),
     repeats: int = 3,
+    min_time: float = _MIN_TIMED_S,
     timeout: float = 120.0,
     device: str = "auto",
     out: str = "",
@@ -236,6 +240,8 @@ def main(
             run config spells them (triplet, pml:MultiSimilarityLoss+pml:MultiSimilarityMiner, ...).
         objective_sizes: global batch sizes of the objectives table; 0 skips it.
         repeats: timed repetitions per side (best is reported).
+        min_time: seconds of timed calls per cell at least: short calls repeat past ``repeats``
+            until then (0: exactly ``repeats``).
         timeout: seconds allowed per side and size (PML at large B is slow).
         device: auto (cuda if present), cpu or cuda.
         out: optional JSON output file.
@@ -253,6 +259,8 @@ def main(
     objective_batches = [b for b in _int_list(objective_sizes) if b]
     specs = [x.strip() for x in (objectives if isinstance(objectives, str) else ",".join(objectives)).split(",") if x.strip()]
     require_ints("mining", [("objective_sizes", b, 8) for b in objective_batches])
+    if not isinstance(min_time, (int, float)) or isinstance(min_time, bool) or not 0 <= min_time <= 60:
+        raise ConfigError(f"toolkit bench mining: --min_time must be seconds between 0 and 60, got {min_time!r}")
     if objective_batches:
         from toolkit.objectives import objective_problem
 
@@ -267,10 +275,10 @@ def main(
                           f"divisible by every --worlds value; {bad[0][0]} and W = {bad[0][1]} are not")
     result = {"device": device, "rows": [], "per_rank": [], "objectives": []}
     if batch_sizes:
-        lines = comparison_table(batch_sizes, repeats, device, timeout, result["rows"])
+        lines = comparison_table(batch_sizes, repeats, device, timeout, result["rows"], min_time)
         print("\n".join(lines))
     if rank_sizes:
-        lines, result["per_rank"] = per_rank_table(rank_sizes, world_sizes, repeats, device)
+        lines, result["per_rank"] = per_rank_table(rank_sizes, world_sizes, repeats, device, min_time)
         print(
             f"\nper-rank mining, forward+backward, 128-d, K=4, margin 0.2, device {device}: rank 0's share with W ranks "
             "(anchors=\"own\", the default) vs every rank mining the whole global batch (anchors=\"all\")\n"
@@ -279,7 +287,7 @@ def main(
         if max(world_sizes) >= 64:
             print("\ntarget at W = 64: per-rank mining ≥ 30× below every-rank-mines-all")
     if objective_batches and specs:
-        lines, result["objectives"] = objectives_table(specs, objective_batches, repeats, device)
+        lines, result["objectives"] = objectives_table(specs, objective_batches, repeats, device, min_time)
         print(f"\ntraining objectives, forward+backward on one process, 128-d, K=4, device {device} (with W ranks the "
               "built-in triplet loss costs each rank 1/W of this, a pml: loss the whole)\n")
         print("\n".join(lines))
@@ -290,11 +298,12 @@ def main(
     return result
 
 
-def comparison_table(batch_sizes: list[int], repeats: int, device: str, timeout: float, rows: list) -> list[str]:
+def comparison_table(batch_sizes: list[int], repeats: int, device: str, timeout: float, rows: list,
+                     min_time: float = _MIN_TIMED_S) -> list[str]:
     for b in batch_sizes:
-        ours = _run_child("toolkit", b, repeats, device, timeout)
-        vec = _run_child("vectorised", b, repeats, device, timeout)
-        pml = _run_child("pml", b, repeats, device, timeout)
+        ours = _run_child("toolkit", b, repeats, device, timeout, min_time)
+        vec = _run_child("vectorised", b, repeats, device, timeout, min_time)
+        pml = _run_child("pml", b, repeats, device, timeout, min_time)
         speed = pml["seconds"] / ours["seconds"] if ours["seconds"] and pml["seconds"] else None
         vec_speed = vec["seconds"] / ours["seconds"] if ours["seconds"] and vec["seconds"] else None
         # RSS growth under ~1 MiB is below what ru_maxrss resolves: no ratio rather than a silly one
