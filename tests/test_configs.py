@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from toolkit.config import EmbedConfig, load_config
+from toolkit.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 EMBED_CONFIGS = sorted((REPO / "configs" / "embed").glob("*.yaml"))
@@ -52,7 +53,12 @@ def test_every_launch_command_in_the_readme_is_a_valid_config(monkeypatch):
     commands = _readme_launch_commands()
     assert len(commands) >= 15 and any("loss=pml:ProxyAnchorLoss" in c for c in commands)
     for args in commands:
-        assert isinstance(config_from_argv(EmbedConfig, args), EmbedConfig), args
+        try:
+            assert isinstance(config_from_argv(EmbedConfig, args), EmbedConfig), args
+        except ConfigError as exc:  # tracker=mlflow without the optional package: the one line naming the extra
+            extra = next((a.split("=", 1)[1] for a in args if a.startswith("tracker=")), None)
+            assert extra and importlib.util.find_spec(extra) is None, (args, exc)
+            assert str(exc) == f'tracker={extra} needs the {extra} package: pip install "toolkit[{extra}]" (or pip install {extra})'
 
 
 def test_launch_help_lists_every_key_with_its_default_and_meaning(tmp_path, monkeypatch, capsys):
