@@ -19,7 +19,7 @@ import pytest
 from conftest import craft_shards
 from toolkit.data.reader import SkipLog, StalledRead
 from toolkit.data.stream import ShardStream, make_loader
-from toolkit.data.tario import _with_timeout, tar_samples
+from toolkit.data.tario import with_read_timeout, tar_samples
 from toolkit.errors import ConfigError, DataError, TarError
 
 STALL_AFTER = 20000  # bytes of the shard sent before the source hangs
@@ -191,13 +191,43 @@ def test_timeout_zero_reads_the_pipe_as_webdataset_does_and_bad_values_are_refus
 
     pipe = gopen("pipe:true")
     try:
-        assert _with_timeout(pipe, "pipe:true", 0) is pipe
-        assert _with_timeout(pipe, "pipe:true", 5) is not pipe
+        assert with_read_timeout(pipe, "pipe:true", 0) is pipe
+        assert with_read_timeout(pipe, "pipe:true", 5) is not pipe
         local = open(__file__, "rb")
         with local:
-            assert _with_timeout(local, __file__, 5) is local  # local files: no timeout, no cost
+            assert with_read_timeout(local, __file__, 5) is local  # local files: no timeout, no cost
     finally:
         pipe.close()
     for bad in (-1, float("nan"), float("inf"), "300", True):
         with pytest.raises(ConfigError, match="read_timeout_s must be a number of seconds >= 0"):
             ShardStream(tmp_path, read_timeout_s=bad)
+
+
+def _serve_info(tmp_path: Path, info_body: str, name: str = "serve_info.sh") -> str:
+    """A `pipe:` template whose command runs ``info_body`` for _info.json (``$pids``: where it
+    notes the pids of what it started)."""
+    script = tmp_path / name
+    script.write_text('pids="%s"\necho $$ >> "$pids"\n%s\n' % (tmp_path / "pids", info_body))
+    return f"pipe:sh {script} {{}}"
+
+
+def test_a_stalled_info_json_is_one_line_and_its_command_is_killed(tmp_path):
+    """read_info of a `pipe:` folder whose _info.json source hangs: StalledRead after the
+    configured read timeout (it waited forever before), the command and its child killed."""
+    from toolkit.data.shards import read_info
+
+    template = _serve_info(tmp_path, 'printf "{\\"classes\\": "; sleep 1000 & echo $! >> "$pids"; wait')
+    started = time.monotonic()
+    with pytest.raises(StalledRead) as info:
+        read_info(template, read_timeout_s=1)
+    assert 1 <= time.monotonic() - started < 5
+    assert str(info.value).startswith("no data for 1 s from pipe:sh ") and "_info.json" in str(info.value)
+    assert "\n" not in str(info.value)
+    shell, sleeper = _pids(tmp_path)
+    assert _gone(shell) and _gone(sleeper), "the stalled command or its child was left running"
+    # a source that never ends is refused at the size limit, not read into memory
+    with pytest.raises(DataError, match=r"more than 64 MiB: not an _info.json"):
+        read_info(_serve_info(tmp_path, "exec yes", name="endless.sh"), read_timeout_s=5)
+    # and through the training stream, the config's read_timeout_s applies to it too
+    with pytest.raises(StalledRead):
+        ShardStream(template, split="val", mode="eval", batch_size=4, read_timeout_s=1)

@@ -875,21 +875,35 @@ class ShardInfo:
         return self.splits[name]
 
 
-def read_info(folder: str | Path) -> ShardInfo:
+def read_info(folder: str | Path, *, read_timeout_s: float | None = None) -> ShardInfo:
     """Load and check ``_info.json`` of a shard folder (one-line error when missing or bad).
 
     The content is untrusted (it may come from a remote location): :func:`_check_info`
-    type-checks it here, the one place every consumer goes through.
+    type-checks it here, the one place every consumer goes through. A remote one is read
+    as the shards are: a ``pipe:``/http source silent for ``read_timeout_s`` seconds (default
+    :data:`~toolkit.data.tario.DEFAULT_READ_TIMEOUT_S`; 0: wait forever) is killed with one
+    line (:class:`~toolkit.data.tario.StalledRead`), and more than :data:`MAX_INFO_BYTES` is refused.
     """
     if is_remote(folder):
         import webdataset as wds
 
+        from toolkit.data.tario import DEFAULT_READ_TIMEOUT_S, close_quietly, with_read_timeout
+
         url = shard_url(folder, INFO_NAME)
+        timeout = DEFAULT_READ_TIMEOUT_S if read_timeout_s is None else read_timeout_s
+        stream = None
         try:
-            with wds.gopen(url) as f:
-                info = json.loads(f.read())
+            stream = with_read_timeout(wds.gopen(url), url, timeout)
+            data = stream.read(MAX_INFO_BYTES + 1)
+            if len(data) > MAX_INFO_BYTES:
+                raise DataError(f"{url}: more than {MAX_INFO_BYTES >> 20} MiB: not an {INFO_NAME} `toolkit shard` wrote")
+            info = json.loads(data)
+        except DataError:  # StalledRead, the size limit: one line already
+            raise
         except Exception as exc:  # noqa: BLE001 - any transport error becomes one line
             raise DataError(f"cannot read {url}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        finally:
+            close_quietly(stream)
         return ShardInfo.from_json(info, url)
     folder = Path(folder)
     if not folder.is_dir():
@@ -902,6 +916,11 @@ def read_info(folder: str | Path) -> ShardInfo:
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from None
     return ShardInfo.from_json(info, str(path))
+
+
+# An _info.json lists every shard with its length and sha256: about 200 bytes a shard, so
+# 64 MiB is room for ~300,000 shards; a larger one is not a file `toolkit shard` wrote.
+MAX_INFO_BYTES = 64 << 20
 
 
 def _short(value: Any) -> str:

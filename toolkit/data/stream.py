@@ -72,7 +72,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 0 <= read_timeout_s < math.inf):
             raise ConfigError(f"read_timeout_s must be a number of seconds >= 0 (0: no timeout), got {read_timeout_s!r}")
         self.read_timeout_s = float(read_timeout_s)
-        info = read_info(folder)
+        info = read_info(folder, read_timeout_s=self.read_timeout_s)
         sinfo = info.split(split, folder=folder)
         if sinfo.num_samples == 0:
             raise DataError(f"{folder}: split {split!r} is empty")

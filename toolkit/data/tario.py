@@ -587,7 +587,7 @@ def _kill_command(proc: subprocess.Popen) -> None:
         pass
 
 
-def _with_timeout(stream: Any, url: str, timeout: float) -> Any:
+def with_read_timeout(stream: Any, url: str, timeout: float) -> Any:
     """``stream`` read with a stall timeout when it is a gopen Pipe reading a command's stdout."""
     proc, out = getattr(stream, "proc", None), getattr(stream, "stream", None)
     if not timeout or proc is None or out is None or getattr(proc, "stdout", None) is not out:
@@ -597,7 +597,7 @@ def _with_timeout(stream: Any, url: str, timeout: float) -> Any:
     return _TimedPipe(stream, timeout, url)
 
 
-def _close_quietly(stream: Any) -> None:
+def close_quietly(stream: Any) -> None:
     """Closes a shard's stream once it is read, cut or abandoned (not stdin: url '-')."""
     if stream is None or stream is getattr(sys.stdin, "buffer", None):
         return
@@ -629,11 +629,11 @@ def tar_expander(
         stream = None
         try:
             try:
-                stream = _with_timeout(source["stream"], url, read_timeout_s)
+                stream = with_read_timeout(source["stream"], url, read_timeout_s)
                 for fname, payload in iter_tar(stream, select_files, url=url):
                     yield {"fname": fname, "data": payload, "__url__": url}
             finally:
-                _close_quietly(stream if stream is not None else source.get("stream"))
+                close_quietly(stream if stream is not None else source.get("stream"))
             yield {}
         except StalledRead:  # an outage, not damage: stops the reader (its message names the url)
             raise

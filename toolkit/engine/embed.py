@@ -463,7 +463,7 @@ def fit(cfg: EmbedConfig, accelerator, tracker) -> dict:
     """Train an embedder per ``cfg``: setup -> resume -> train (validate, save) -> summary."""
     device, world, main = accelerator.device, accelerator.num_processes, accelerator.is_main_process
     run_dir = Path(cfg.run_dir)
-    info = read_info(cfg.shards)
+    info = read_info(cfg.shards, read_timeout_s=cfg.read_timeout_s)
     check_select_by(cfg, info)
     in_channels = 1 if info.grayscale else 3
 

@@ -30,7 +30,7 @@ def main(argv: list[str]) -> int:
         from toolkit.sweep import trial_run_dir
 
         cfg.run_dir = trial_run_dir(cfg.run_dir)  # before the check: a sweep trial gets its own folder
-        info = read_info(cfg.shards)
+        info = read_info(cfg.shards, read_timeout_s=cfg.read_timeout_s)
         check_trainable(info, folder=cfg.shards)  # e.g. a class without train images: refused now, not after an epoch
         check_run_dir(cfg)
         check_select_by(cfg, info)
