@@ -113,14 +113,20 @@ def add(index, vectors) -> None:
         index.add(x)
 
 
-def search(index, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` nearest of each query: (squared distances (Q, k) float32, ids (Q, k) int64), nearest first."""
+def _queries(queries, dim: int, k, what: str) -> tuple[np.ndarray, int]:
+    """(float32 queries, k) checked against ``dim``-d references (``what``, for the message)."""
     q = as_float32(queries)
-    if q.shape[1] != index.d:
-        raise DataError(f"cannot search a {index.d}-d index with {q.shape[1]}-d queries")
+    if q.shape[1] != dim:
+        raise DataError(f"cannot search {what} with {q.shape[1]}-d queries")
     k = int(k)
     if k < 1:
         raise ValueError(f"search: k must be >= 1, got {k}")
+    return q, k
+
+
+def search(index, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest of each query: (squared distances (Q, k) float32, ids (Q, k) int64), nearest first."""
+    q, k = _queries(queries, index.d, k, f"a {index.d}-d index")
     if len(q) == 0:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
     dist, ids = index.search(q, k)
@@ -204,12 +210,8 @@ class ExactReference:
 def exact_search(vectors, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
     """:func:`search` of a flat index of ``vectors`` without building one: ``faiss.knn`` reads
     the (N, D) float32 array in place (the same results as ``IndexFlatL2``, bit for bit)."""
-    x, q = as_float32(vectors), as_float32(queries)
-    if q.shape[1] != x.shape[1]:
-        raise DataError(f"cannot search {x.shape[1]}-d references with {q.shape[1]}-d queries")
-    k = int(k)
-    if k < 1:
-        raise ValueError(f"search: k must be >= 1, got {k}")
+    x = as_float32(vectors)
+    q, k = _queries(queries, x.shape[1], k, f"{x.shape[1]}-d references")
     if len(q) == 0:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
     if len(x) == 0:
