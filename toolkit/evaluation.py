@@ -422,9 +422,13 @@ def _share_candidates(train_emb: torch.Tensor, reference, queries: torch.Tensor,
             rows = idx[s : s + step]
             d[s : s + step] = (train_emb[rows].double() - queries[s : s + step].double()[:, None, :]).pow(2).sum(2).numpy()
         out["knn_d"], out["knn_i"] = d, idx.numpy()
-        out["rank_d"], out["rank_i"] = reference.search(queries.numpy(), min(depth, n))
+        # one more than the ranking depth, which is at least any class's size: every query's
+        # nearest other-class and own-class references are in it, and the "unknown" distances
+        # need no search of their own (the merge still keeps the depth nearest)
+        out["rank_d"], out["rank_i"] = reference.search(queries.numpy(), min(depth + int(unknown), n))
     if unknown:
-        out["own"], out["other"] = nearest_own_and_other(reference, train_labels, queries.numpy(), query_labels)
+        found = (out["rank_d"], out["rank_i"]) if n and q else None
+        out["own"], out["other"] = nearest_own_and_other(reference, train_labels, queries.numpy(), query_labels, found=found)
     return out
 
 

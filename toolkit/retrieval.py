@@ -431,14 +431,16 @@ def _largest_below(u: float, *observed: np.ndarray) -> float:
 
 
 def nearest_own_and_other(ref, ref_y: np.ndarray, val: np.ndarray, val_y: np.ndarray, first_k: int = 32,
-                          centre=None):
+                          centre=None, found: tuple[np.ndarray, np.ndarray] | None = None):
     """(d_own, d_other) (n,) Euclidean: each val row's nearest reference of its class (inf if
     the class has none) and of another class. One search of ``first_k``; the rows it leaves
     open are searched again (another class: within own-class count + 1; own class: its own
     rows). ``ref``: the references (N, D), or a :class:`toolkit.search.ExactReference` of them
     already centred (then ``centre`` is its own). ``centre``: the searches' centre
     (:func:`toolkit.search.nearest`; default the mean of ``ref``), the whole reference's mean
-    when ``ref`` is one rank's share of it."""
+    when ``ref`` is one rank's share of it. ``found``: (squared distances, ids) of an exact
+    search of every ``val`` row already made (the validator's ranking search), used as the
+    first search: with more columns than any class has references, no row is searched again."""
     ref = ref if isinstance(ref, search.ExactReference) else search.ExactReference(ref, centre=centre)
     n = len(ref)
     if n == 0:
@@ -461,8 +463,12 @@ def nearest_own_and_other(ref, ref_y: np.ndarray, val: np.ndarray, val_y: np.nda
             out[sel] = np.minimum(out[sel], dist[found, j[found]])
 
     rows = np.arange(len(val))
-    k = min(n, first_k)
-    d2, ids = ref.search(val, k)
+    if found is not None:
+        d2, ids = found
+        k = d2.shape[1]
+    else:
+        k = min(n, first_k)
+        d2, ids = ref.search(val, k)
     first_hits(rows, d2, ids)
     if k < n:
         # another class: at most own_count references come before it
