@@ -99,14 +99,19 @@ class PMLObjective(nn.Module):
             offset += g.numel()
 
 
+def _classes(module, base, excluded=frozenset()) -> list[str]:
+    """Names of the classes ``module`` exports that subclass ``base`` (not its ``Base*`` ones, nor ``excluded``)."""
+    return sorted(n for n, c in vars(module).items()
+                  if inspect.isclass(c) and issubclass(c, base) and not n.startswith("Base") and n not in excluded)
+
+
 def _pml_class(kind: str, name: str):
     """The PML class ``name`` of ``kind`` ("losses" or "miners"), or a one-line problem (str)."""
     from pytorch_metric_learning import losses, miners
 
     module, base, excluded = ((losses, losses.BaseMetricLossFunction, _NOT_LOSSES) if kind == "losses"
                               else (miners, miners.BaseMiner, _NOT_MINERS))
-    known = sorted(n for n, c in vars(module).items()
-                   if inspect.isclass(c) and issubclass(c, base) and n not in excluded)
+    known = _classes(module, base, excluded)
     if name not in known:
         close = difflib.get_close_matches(name, known, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else f"; one of {', '.join(known)}"
@@ -139,10 +144,10 @@ def _pml_kwargs(kwargs: dict, *, what: str) -> dict:
         if key in _OBJECT_KWARGS and isinstance(value, str):
             module_name, base_name = _OBJECT_KWARGS[key]
             module = getattr(pytorch_metric_learning, module_name)
+            base = getattr(module, base_name)
             cls = getattr(module, value, None) if value.isidentifier() else None
-            if not (inspect.isclass(cls) and issubclass(cls, getattr(module, base_name))):
-                known = sorted(n for n, c in vars(module).items() if inspect.isclass(c)
-                               and issubclass(c, getattr(module, base_name)) and not n.startswith("Base"))
+            if not (inspect.isclass(cls) and issubclass(cls, base)):
+                known = _classes(module, base)
                 raise ValueError(f"{what}: {key}={value!r} is not one of pytorch_metric_learning.{module_name}: {', '.join(known)}")
             value = cls()
         out[key] = value
