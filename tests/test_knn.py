@@ -315,3 +315,45 @@ def test_cuda_tensors_match_sklearn(backend):
                           backend=backend)
     assert pred.is_cuda
     np.testing.assert_array_equal(pred.cpu().numpy(), expected)
+
+
+@pytest.mark.parametrize("spread", [0.6, 1e-4])
+def test_knn_from_a_centred_search_equals_sklearn(spread):
+    # The sharded validator takes the kNN screen from the ranking search of the references
+    # moved by their centre: the same neighbours as scikit-learn, also in a tight cluster
+    # (unit rows within ~1e-4 of each other), exact duplicates (ties by index) included.
+    from toolkit import search
+
+    train, _, queries, _ = clustered_set(3000, 200, 16, 5, 21, spread=spread)
+    train[5] = train[4]
+    queries[0] = train[4]
+    ref = search.ExactReference(train)
+    moved = ref.moved(queries)
+    d2, ids = ref.search(moved, 34, moved=True)
+    got = knn.knn_from_screen(train, queries, ids, d2[:, -1], k=13, query_sq=(moved.astype(np.float64) ** 2).sum(1),
+                              train_norm_max=ref.norm_max).numpy()
+    clf = KNeighborsClassifier(n_neighbors=13).fit(train.astype(np.float64), np.zeros(len(train), int))
+    np.testing.assert_array_equal(got, clf.kneighbors(queries.astype(np.float64), return_distance=False))
+    assert got[0, 0] == 4 and got[0, 1] == 5
+
+
+def test_knn_from_a_screen_redoes_the_rows_it_cannot_trust():
+    # A screen whose kept worst is no farther than the k-th candidate (nothing proves the
+    # rows left out are farther), and one that came back short (-1 ids): both are redone
+    # exactly against every train row, and the answer does not change.
+    train, _, queries = random_set(2000, 50, 8, 2, 22)
+    exact = knn_neighbors(train, queries, k=5, backend="torch").numpy()
+    d2 = ((queries[:, None, :].astype(np.float64) - train[None].astype(np.float64)) ** 2).sum(2)
+    order = np.argsort(d2, axis=1, kind="stable")
+    cand = order[:, 10:30]  # the true nearest are not even among the candidates
+    worst = np.take_along_axis(d2, cand, 1).min(1) * 0  # but the screen claims nothing
+    qn = (queries.astype(np.float64) ** 2).sum(1)
+    tmax = float(np.linalg.norm(train, axis=1).max())
+    np.testing.assert_array_equal(knn.knn_from_screen(train, queries, cand, worst, k=5, query_sq=qn, train_norm_max=tmax).numpy(), exact)
+    short = order[:, :20].copy()
+    short[:, -3:] = -1
+    got = knn.knn_from_screen(train, queries, short, np.take_along_axis(d2, order[:, 19:20], 1)[:, 0], k=5, query_sq=qn,
+                              train_norm_max=tmax)
+    np.testing.assert_array_equal(got.numpy(), exact)
+    with pytest.raises(ValueError, match="more than k"):
+        knn.knn_from_screen(train, queries, order[:, :5], worst, k=5, query_sq=qn, train_norm_max=tmax)

@@ -405,15 +405,27 @@ def _share_candidates(train_emb: torch.Tensor, reference, queries: torch.Tensor,
     distances), its ``depth`` nearest as the faiss search ranks them (float32 squared
     distances) and, with ``unknown``, the nearest same-class and other-class distances.
     ``reference``: ``train_emb`` as a :class:`toolkit.search.ExactReference` around the
-    whole split's centre, made once per validation (not per block of queries)."""
-    from toolkit.knn import knn_neighbors
+    whole split's centre, made once per validation (not per block of queries).
+
+    One search serves all three: it goes as deep as the ranking depth, the kNN screen's
+    2k + 8 candidates (:func:`toolkit.knn.knn_from_screen` refines them to the exact k
+    nearest) and, with ``unknown``, one more than the depth, which is at least any class's
+    size, so every query's nearest own-class and other-class references are in it."""
+    from toolkit.knn import knn_from_screen
     from toolkit.retrieval import nearest_own_and_other
 
     n, q = len(train_emb), len(queries)
     out = {"knn_d": np.full((q, 0), np.inf), "knn_i": np.zeros((q, 0), dtype=np.int64),
            "rank_d": np.full((q, 0), np.inf, dtype=np.float32), "rank_i": np.zeros((q, 0), dtype=np.int64)}
+    found = None
     if n and q:
-        idx = knn_neighbors(train_emb, queries, k=min(k, n))  # (Q, k') local rows, exact
+        screen = min(n, 2 * k + 8)  # the kNN screen's candidates (toolkit.knn)
+        moved = reference.moved(queries)  # (Q, D) float32, as the search compares them
+        found = reference.search(moved, max(screen, min(depth + int(unknown), n)), moved=True)
+        d2, ids = found
+        idx = knn_from_screen(train_emb, queries, torch.from_numpy(ids[:, :screen]), torch.from_numpy(d2[:, screen - 1]),
+                              k=min(k, n), query_sq=torch.from_numpy(np.einsum("ij,ij->i", moved, moved, dtype=np.float64)),
+                              train_norm_max=reference.norm_max)  # (Q, k') local rows, exact
         # float64 by differences, the distance the kNN module refines and sorts with; in
         # blocks of queries, so the (block, k', D) temporary stays small
         d = np.empty(idx.shape)
@@ -422,12 +434,9 @@ def _share_candidates(train_emb: torch.Tensor, reference, queries: torch.Tensor,
             rows = idx[s : s + step]
             d[s : s + step] = (train_emb[rows].double() - queries[s : s + step].double()[:, None, :]).pow(2).sum(2).numpy()
         out["knn_d"], out["knn_i"] = d, idx.numpy()
-        # one more than the ranking depth, which is at least any class's size: every query's
-        # nearest other-class and own-class references are in it, and the "unknown" distances
-        # need no search of their own (the merge still keeps the depth nearest)
-        out["rank_d"], out["rank_i"] = reference.search(queries.numpy(), min(depth + int(unknown), n))
+        width = min(depth, n)  # what the merge keeps of every share
+        out["rank_d"], out["rank_i"] = np.ascontiguousarray(d2[:, :width]), np.ascontiguousarray(ids[:, :width])
     if unknown:
-        found = (out["rank_d"], out["rank_i"]) if n and q else None
         out["own"], out["other"] = nearest_own_and_other(reference, train_labels, queries.numpy(), query_labels, found=found)
     return out
 
@@ -449,7 +458,7 @@ def sharded_val_metrics(train_local, val_local, *, k: int = 13, unknown_fmr: flo
        each sample's position in the key-sorted train split and the class sizes R;
     2. the val queries are all-gathered (every rank holds all of them);
     3. each rank searches its own references: each query's k nearest (exact, float64, as
-       :func:`toolkit.knn.knn_neighbors` finds them), its ranking depth max(max k, min(R_CAP,
+       :func:`toolkit.knn.knn_neighbors` finds them, from the ranking search's screen), its ranking depth max(max k, min(R_CAP,
        max R)) as :func:`toolkit.search.nearest` ranks them, and (``unknown_fmr``) its nearest
        same- and other-class distances;
     4. only those candidates travel to rank 0, which merges them by (distance, position) and

@@ -321,17 +321,25 @@ def knn_neighbors(train_emb, query_emb, *, k: int = 13, block: int | None = None
         if not block:  # even blocks: a short last one could fall below faiss's BLAS threshold
             block = -(-query.shape[0] // -(-query.shape[0] // FAISS_BLOCK))
         blocks = _faiss_blocks(train, query, c, int(block))
-        u, add_qn = _FAISS_ROUNDOFF, False
+        u, add_qn = _FAISS_ROUNDOFF, None  # faiss's values include ||q||²
     else:
         blocks = _torch_blocks(train, query, c, int(block) if block else DEFAULT_BLOCK)
-        u, add_qn = _unit_roundoff(), True
-    out = torch.empty(query.shape[0], k, dtype=torch.long, device=device)
-    rb = max(1, _REFINE_ELEMENTS // (c * dim))  # refine rows at a time: float64 temporaries of ~8 MB
+        u, add_qn = _unit_roundoff(), qn_all
+    return _refine(train, query64, blocks, k, lambda a, b: _round_bound(qn_all[a:b], t_max, dim, u), add_qn=add_qn)
+
+
+def _refine(train: torch.Tensor, query64: torch.Tensor, blocks, k: int, bound, *, add_qn=None) -> torch.Tensor:
+    """Steps 2 and 3 of the module docstring: the exact k nearest of each query from screened
+    ``blocks`` (start, candidates (b, c), worst (b,) float64); ``bound(a, b)``: the rounding
+    bound of queries a..b; ``add_qn``: (Q,) ``||q||²`` to add to ``worst`` (torch's screen)."""
+    dim = train.shape[1]
+    out = torch.empty(query64.shape[0], k, dtype=torch.long, device=train.device)
     for s, cand, worst in blocks:
         cand, _ = cand.sort(dim=1)  # candidates by train index, so a stable sort keeps index order
-        nb = cand.shape[0]
-        if add_qn:
-            worst = worst + qn_all[s : s + nb]
+        nb, c = cand.shape
+        if add_qn is not None:
+            worst = worst + add_qn[s : s + nb]
+        rb = max(1, _REFINE_ELEMENTS // (c * dim))  # refine rows at a time: float64 temporaries of ~8 MB
         for r in range(0, nb, rb):
             e = min(nb, r + rb)
             q64, cr = query64[s + r : s + e], cand[r:e]
@@ -339,13 +347,51 @@ def knn_neighbors(train_emb, query_emb, *, k: int = 13, block: int | None = None
             order = torch.sort(d64, dim=1, stable=True).indices[:, :k]  # (distance, index) order
             nbr = cr.gather(1, order)  # (rb, k)
             kth = d64.gather(1, order[:, -1:]).squeeze(1)  # (rb,)
-            err = _round_bound(qn_all[s + r : s + e], t_max, dim, u)
-            unsure = ~(kth < worst[r:e] - err)  # a non-candidate might be as near
+            unsure = ~(kth < worst[r:e] - bound(s + r, s + e))  # a non-candidate might be as near
             if bool(unsure.any()):
                 rows = unsure.nonzero().squeeze(1)
                 nbr[rows] = _exact_rows(train, q64[rows], k)
             out[s + r : s + e] = nbr
     return out
+
+
+@torch.no_grad()
+def knn_from_screen(train_emb, query_emb, candidates, worst, *, k: int, query_sq, train_norm_max: float) -> torch.Tensor:
+    """:func:`knn_neighbors`' answer from a faiss screen already made, e.g. the exact search
+    that ranks the same references for the retrieval metrics: steps 2 and 3 only.
+
+    ``candidates`` (Q, c) train rows with the c smallest screened squared distances of each
+    query (c > k; -1 where the search found fewer), ``worst`` (Q,) the largest of them (every
+    other row screened at least that far). The screen may have compared the rows moved by a
+    centre (what :class:`toolkit.search.ExactReference` searches): ``query_sq`` (Q,) are then
+    the squared norms of the moved queries and ``train_norm_max`` the largest norm of the moved
+    rows, which is what bounds its float32 rounding; the refinement uses ``train_emb`` and
+    ``query_emb`` themselves. Same indices as :func:`knn_neighbors` (distance, then index).
+    """
+    train = _as_tensor(train_emb)
+    if not train.is_floating_point():
+        train = train.float()
+    device = train.device
+    query64 = _as_tensor(query_emb).to(device).double()
+    cand = _as_tensor(candidates).to(device).long()
+    worst = _as_tensor(worst).to(device).double().clone()
+    n, dim = train.shape
+    if cand.dim() != 2 or cand.shape[0] != query64.shape[0] or worst.shape != cand.shape[:1] or k < 1 or k > n:
+        raise ValueError(f"knn: expected (Q, c) candidates and (Q,) worst for {query64.shape[0]} queries and 1 <= k <= {n}, "
+                         f"got {tuple(cand.shape)}, {tuple(worst.shape)}, k={k}")
+    if query64.shape[0] == 0:
+        return torch.zeros(0, k, dtype=torch.long, device=device)
+    if cand.shape[1] >= n:  # every row a candidate: do it all in float64, as knn_neighbors does
+        return _exact_rows(train, query64, k)
+    if cand.shape[1] <= k:
+        raise ValueError(f"knn: the screen kept {cand.shape[1]} candidates per query, need more than k = {k}")
+    missing = (cand < 0).any(dim=1)  # fewer than c results (NaN inputs): redo exactly
+    if bool(missing.any()):
+        worst[missing] = -math.inf
+        cand = cand.clamp_min(0)
+    qs = _as_tensor(query_sq).to(device).double()
+    bound = lambda a, b: _round_bound(qs[a:b], float(train_norm_max) * (1 + 1e-5), dim, _FAISS_ROUNDOFF)  # noqa: E731
+    return _refine(train, query64, [(0, cand, worst)], k, bound)
 
 
 @torch.no_grad()
@@ -484,4 +530,4 @@ def knn_accuracy(train_emb, train_labels, val_emb, val_labels, *, k: int = 13,
 
 
 __all__ = ["FAISS_BLOCK", "SKLEARN_KNN_MAX_PAIRS", "TORCH_KNN_MIN_TRAIN", "auto_backend", "faiss_on_gpu", "knn_accuracy",
-           "knn_accuracy_torch", "knn_neighbors", "knn_predict", "knn_vote"]
+           "knn_accuracy_torch", "knn_from_screen", "knn_neighbors", "knn_predict", "knn_vote"]

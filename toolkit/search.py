@@ -186,6 +186,7 @@ class ExactReference:
                 ref = _centred(ref, self.centre)
             self.vectors = as_float32(ref)
         self.device = device
+        self._norm_max = None
         gpu = device is not None and str(device).split(":")[0] == "cuda" and hasattr(_faiss(), "StandardGpuResources")
         self._index = build_index(self.vectors, device=device) if gpu or not len(self.vectors) else None
 
@@ -197,10 +198,25 @@ class ExactReference:
         return ExactReference(None, centre=self.centre, device=self.device,
                               _centred_rows=np.ascontiguousarray(self.vectors[rows]))
 
-    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """As :func:`search`: the ``k`` nearest references of each query (squared distances, ids)."""
+    def moved(self, queries) -> np.ndarray:
+        """``queries`` as :meth:`search` compares them: float32, moved by the same centre."""
         q = _as_array(queries)
-        if q.ndim == 2 and self.centre is not None:
+        return as_float32(_centred(q, self.centre) if q.ndim == 2 and self.centre is not None else q)
+
+    @property
+    def norm_max(self) -> float:
+        """The largest norm of the moved references (what bounds the float32 rounding of a search)."""
+        if self._norm_max is None:  # in blocks of rows: no (N, D) temporary
+            v, rows = self.vectors, 1 << 15
+            sq = [np.einsum("ij,ij->i", v[s : s + rows], v[s : s + rows], dtype=np.float64).max() for s in range(0, len(v), rows)]
+            self._norm_max = float(np.sqrt(max(sq))) if sq else 0.0
+        return self._norm_max
+
+    def search(self, queries, k: int, *, moved: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """As :func:`search`: the ``k`` nearest references of each query (squared distances, ids).
+        ``moved``: the queries are already :meth:`moved`."""
+        q = _as_array(queries)
+        if q.ndim == 2 and self.centre is not None and not moved:
             q = _centred(q, self.centre)
         if self._index is not None:
             return search(self._index, q, k)
