@@ -317,19 +317,26 @@ def test_cuda_tensors_match_sklearn(backend):
     np.testing.assert_array_equal(pred.cpu().numpy(), expected)
 
 
-@pytest.mark.parametrize("spread", [0.6, 1e-4])
-def test_knn_from_a_centred_search_equals_sklearn(spread):
+@pytest.mark.parametrize("spread,blas,width", [(0.6, False, 34), (1e-4, False, 34), (1e-4, True, 150)])
+def test_knn_from_a_centred_search_equals_sklearn(spread, blas, width, monkeypatch):
     # The sharded validator takes the kNN screen from the ranking search of the references
     # moved by their centre: the same neighbours as scikit-learn, also in a tight cluster
-    # (unit rows within ~1e-4 of each other), exact duplicates (ties by index) included.
+    # (unit rows within ~1e-4 of each other), exact duplicates (ties by index) included;
+    # with faiss's direct loop (few queries) and its sgemm path, and a search deeper than
+    # 100 (faiss's reservoir) of which the first 2k + 8 are the candidates.
+    import faiss
+
     from toolkit import search
 
+    if blas:
+        monkeypatch.setattr(faiss.cvar, "distance_compute_blas_threshold", 0)
     train, _, queries, _ = clustered_set(3000, 200, 16, 5, 21, spread=spread)
     train[5] = train[4]
     queries[0] = train[4]
     ref = search.ExactReference(train)
     moved = ref.moved(queries)
-    d2, ids = ref.search(moved, 34, moved=True)
+    d2, ids = ref.search(moved, width, moved=True)
+    d2, ids = d2[:, :34], ids[:, :34]
     got = knn.knn_from_screen(train, queries, ids, d2[:, -1], k=13, query_sq=(moved.astype(np.float64) ** 2).sum(1),
                               train_norm_max=ref.norm_max).numpy()
     clf = KNeighborsClassifier(n_neighbors=13).fit(train.astype(np.float64), np.zeros(len(train), int))

@@ -410,11 +410,14 @@ def _share_candidates(train_emb: torch.Tensor, reference, queries: torch.Tensor,
     One search serves all three: it goes as deep as the ranking depth, the kNN screen's
     2k + 8 candidates (:func:`toolkit.knn.knn_from_screen` refines them to the exact k
     nearest) and, with ``unknown``, one more than the depth, which is at least any class's
-    size, so every query's nearest own-class and other-class references are in it."""
+    size up to ``R_CAP``: every query's nearest own-class and other-class references are then
+    in it (:func:`toolkit.retrieval.nearest_own_and_other` searches again for larger classes)."""
     from toolkit.knn import knn_from_screen
     from toolkit.retrieval import nearest_own_and_other
 
     n, q = len(train_emb), len(queries)
+    if len(reference) != n:
+        raise ValueError(f"validation: the search holds {len(reference)} references, the share {n}")
     out = {"knn_d": np.full((q, 0), np.inf), "knn_i": np.zeros((q, 0), dtype=np.int64),
            "rank_d": np.full((q, 0), np.inf, dtype=np.float32), "rank_i": np.zeros((q, 0), dtype=np.int64)}
     found = None

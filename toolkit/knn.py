@@ -376,9 +376,13 @@ def knn_from_screen(train_emb, query_emb, candidates, worst, *, k: int, query_sq
     cand = _as_tensor(candidates).to(device).long()
     worst = _as_tensor(worst).to(device).double().clone()
     n, dim = train.shape
-    if cand.dim() != 2 or cand.shape[0] != query64.shape[0] or worst.shape != cand.shape[:1] or k < 1 or k > n:
-        raise ValueError(f"knn: expected (Q, c) candidates and (Q,) worst for {query64.shape[0]} queries and 1 <= k <= {n}, "
-                         f"got {tuple(cand.shape)}, {tuple(worst.shape)}, k={k}")
+    qs = _as_tensor(query_sq).to(device).double()
+    if query64.dim() != 2 or query64.shape[1] != dim:
+        raise ValueError(f"knn: expected ({dim}-d) queries (Q, {dim}), got shape {tuple(query64.shape)}")
+    q = query64.shape[0]
+    if cand.dim() != 2 or cand.shape[0] != q or worst.shape != (q,) or qs.shape != (q,) or not 1 <= k <= n:
+        raise ValueError(f"knn: expected (Q, c) candidates, (Q,) worst and (Q,) query_sq for Q = {q} queries and 1 <= k <= {n}, "
+                         f"got {tuple(cand.shape)}, {tuple(worst.shape)}, {tuple(qs.shape)}, k={k}")
     if query64.shape[0] == 0:
         return torch.zeros(0, k, dtype=torch.long, device=device)
     if cand.shape[1] >= n:  # every row a candidate: do it all in float64, as knn_neighbors does
@@ -389,7 +393,6 @@ def knn_from_screen(train_emb, query_emb, candidates, worst, *, k: int, query_sq
     if bool(missing.any()):
         worst[missing] = -math.inf
         cand = cand.clamp_min(0)
-    qs = _as_tensor(query_sq).to(device).double()
     bound = lambda a, b: _round_bound(qs[a:b], float(train_norm_max) * (1 + 1e-5), dim, _FAISS_ROUNDOFF)  # noqa: E731
     return _refine(train, query64, [(0, cand, worst)], k, bound)
 
