@@ -52,14 +52,19 @@ def make_share(n: int, *, classes: int, dim: int, seed: int, rank: int, world: i
 
 
 def run(args) -> None:
-    from accelerate import Accelerator
+    from datetime import timedelta
+
+    from accelerate import Accelerator, InitProcessGroupKwargs
 
     from toolkit import distributed
     from toolkit.evaluation import calibrated_unknown, evaluate_embeddings, gather_to_main, sharded_val_metrics
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    accelerator = Accelerator(cpu=True, mixed_precision="no")
+    # the gathered side's other ranks wait at a barrier while rank 0 scores alone: at 1M x 150k
+    # that is longer than the process group's default 30 min timeout
+    wait = InitProcessGroupKwargs(timeout=timedelta(seconds=args.collective_timeout))
+    accelerator = Accelerator(cpu=True, mixed_precision="no", kwargs_handlers=[wait])
     rank, world = accelerator.process_index, accelerator.num_processes
     common = dict(classes=args.classes, dim=args.dim, rank=rank, world=world)
     train = make_share(args.references, seed=args.seed, tag="train", **common)
@@ -103,6 +108,7 @@ def parse(argv=None):
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--collective_timeout", type=float, default=7200.0, help="seconds a rank may wait in a collective")
     return p.parse_args(argv)
 
 

@@ -67,7 +67,8 @@ def main(
     require_ints("validate", (("references", references, 2), ("queries", queries, 1), ("classes", classes, 2),
                               ("processes", processes, 2)))
     threads = max(1, cores() // processes)
-    args = ["--references", str(references), "--queries", str(queries), "--classes", str(classes), "--seed", str(seed)]
+    args = ["--references", str(references), "--queries", str(queries), "--classes", str(classes), "--seed", str(seed),
+            "--collective_timeout", str(timeout)]  # a rank may wait for rank 0 as long as the launch may run
     runs = {}
     with tempfile.TemporaryDirectory(prefix="toolkit-validate-") as tmp:
         for mode in ("gather", "sharded"):
