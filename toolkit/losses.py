@@ -220,7 +220,6 @@ def _row_positive_table(labels: torch.Tensor, rows: slice) -> tuple[torch.Tensor
     From the (b, B) same-label mask, O(b * B) with no sort: what a rank mining its own
     b = B / W anchors pays (M: the largest positive count among them).
     """
-    B = labels.shape[0]
     own = torch.arange(rows.start, rows.stop, device=labels.device)
     same = labels[rows, None] == labels[None, :]  # (b, B)
     same[torch.arange(own.shape[0], device=labels.device), own] = False  # not oneself
@@ -270,21 +269,17 @@ def _mine(emb, labels, strategy, squared, dense=None, rows: slice | None = None)
     budget = _BLOCK_ELEMENTS * (_GPU_BLOCK_FACTOR if emb.device.type == "cuda" else 1)
     block = max(1, budget // per_row)
     neg_cols = torch.empty_like(cols)  # (b, M)
-    has_neg = torch.empty(b, dtype=torch.bool, device=emb.device)
     inf = float("inf")
     for start in range(0, b, block):
         local = slice(start, min(b, start + block))  # block rows among the anchors
         glob = slice(rows.start + local.start, rows.start + local.stop)  # the same rows of emb
         d = dense[local] if dense is not None else _block_distances(emb, sq_norm, glob, squared)  # (c, B)
-        is_neg = labels[glob, None] != labels[None, :]  # (c, B)
-        has_neg[local] = is_neg.any(dim=1)
-        neg_d = d.masked_fill(~is_neg, inf)  # (c, B): non-negatives pushed to +inf
+        not_neg = labels[glob, None] == labels[None, :]  # (c, B)
+        neg_d = d.masked_fill(not_neg, inf)  # (c, B): non-negatives pushed to +inf
         if strategy == "hard":  # the closest negative, for every pair of the anchor
             neg_cols[local] = neg_d.argmin(dim=1, keepdim=True)
             continue
         d_ap = d.gather(1, cols[local])  # (c, M)
-        # Fallback when no negative is strictly farther than the positive: the farthest one.
-        farthest = d.masked_fill(~is_neg, -inf).argmax(dim=1, keepdim=True)  # (c, 1)
         if scan:
             # The semi-hard negative of (a, p) is argmin over n of d(a, n) subject to
             # d(a, n) > d(a, p). With t = d(a, p), 1 / (t - d(a, n)) is negative exactly for
@@ -298,13 +293,17 @@ def _mine(emb, labels, strategy, squared, dense=None, rows: slice | None = None)
             # Sorted negatives per row; the first strictly farther than d(a, p), by bisection.
             sorted_d, order = neg_d.sort(dim=1)  # (c, B), (c, B)
             first = torch.searchsorted(sorted_d, d_ap.contiguous(), right=True)  # (c, M)
-            num_neg = is_neg.sum(dim=1, keepdim=True)  # (c, 1)
+            num_neg = B - not_neg.sum(dim=1, keepdim=True)  # (c, 1)
             found = first < num_neg
             col = order.gather(1, first.clamp_max(B - 1))
-        neg_cols[local] = torch.where(found, col, farthest)
-    keep = ok & has_neg[:, None]  # (b, M)
-    anchor = torch.arange(rows.start, rows.start + b, device=emb.device)[:, None].expand_as(cols)[keep]
-    return anchor, cols[keep], neg_cols[keep]
+        if not bool(found.all()):  # no negative strictly farther than the positive: the farthest one
+            farthest = d.masked_fill(not_neg, -inf).argmax(dim=1, keepdim=True)  # (c, 1)
+            col = torch.where(found, col, farthest)
+        neg_cols[local] = col
+    # an anchor has a negative unless its class is the whole batch (its positives + itself)
+    has_neg = ok.sum(dim=1) + 1 < B  # (b,)
+    keep = (ok & has_neg[:, None]).flatten().nonzero().squeeze(1)  # kept (anchor, slot)s, row-major, found once
+    return keep // M + rows.start, cols.flatten()[keep], neg_cols.flatten()[keep]
 
 
 class _PairDistance(torch.autograd.Function):
@@ -320,7 +319,7 @@ class _PairDistance(torch.autograd.Function):
         out = torch.empty(i.shape[0], dtype=emb.dtype, device=emb.device)
         step = _pair_chunk(emb)
         for s in range(0, i.shape[0], step):
-            out[s : s + step] = (emb[i[s : s + step]] - emb[j[s : s + step]]).pow(2).sum(dim=1)
+            out[s : s + step] = (emb.index_select(0, i[s : s + step]) - emb.index_select(0, j[s : s + step])).pow(2).sum(dim=1)
         if not squared:
             out = out.sqrt_()
         ctx.save_for_backward(emb, i, j, out)
@@ -339,7 +338,7 @@ class _PairDistance(torch.autograd.Function):
         step = _pair_chunk(emb)
         for s in range(0, i.shape[0], step):
             ii, jj = i[s : s + step], j[s : s + step]
-            g = (emb[ii] - emb[jj]) * scale[s : s + step, None]  # (chunk, D)
+            g = (emb.index_select(0, ii) - emb.index_select(0, jj)) * scale[s : s + step, None]  # (chunk, D)
             grad.index_add_(0, ii, g)
             grad.index_add_(0, jj, -g)
         return grad, None, None, None
