@@ -175,12 +175,13 @@ def _all_triplet_terms(emb, labels, rows, margin, squared) -> _Terms:
 # --------------------------------------------------------------------------------------
 
 # Anchors are mined a block of rows at a time; a block's largest temporary has about this
-# many elements (block rows x B, or block rows x positives x B for the scan). On CPU, 2^20
-# (4 MB) balances speed and memory (toolkit bench mining, B = 2048: 68 ms with 2^21,
-# 78 ms with 2^20, 104 ms with 2^19; peak 31, 11, 2 MB). GPUs get 16x larger blocks, since
-# there every block costs a dozen kernel launches.
-_BLOCK_ELEMENTS = 1 << 20
-_GPU_BLOCK_FACTOR = 16
+# many elements (block rows x B, or block rows x positives x B for the scan). On CPU, 2^19
+# (2 MB) balances speed and memory (toolkit bench mining, B = 2048, with the peak RSS growth
+# measured from a reset high-water mark: 2^20 took 38 ms and 45 MB, 2^19 53 ms and 26 MB;
+# B = 4096: 142 vs 136 ms). GPUs get 32x larger blocks (2^24 elements), since there every
+# block costs a dozen kernel launches.
+_BLOCK_ELEMENTS = 1 << 19
+_GPU_BLOCK_FACTOR = 32
 # Batches with B * B up to this (B <= 512) use one dense, differentiable (B, B) distance
 # matrix: measured faster than the pair path up to B = 320-640 on 2 cores (K = 4 and 16),
 # slower from B = 1024 on (53 vs 29 ms at B = 1024, K = 4).

@@ -36,6 +36,39 @@ BENCHMARKS: dict[str, str] = {
 }
 
 
+def start_peak_rss() -> tuple[int, bool]:
+    """Start measuring this process's peak RSS: (RSS now in bytes, whether the kernel's high-water
+    mark was reset to it). Linux resets VmHWM on ``5`` written to /proc/self/clear_refs; without
+    that, the lifetime peak (``ru_maxrss``) is the baseline, and a transient peak from before
+    (imports, building the data) can hide the growth being measured."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kb("VmRSS") * 1024, True
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, False
+
+
+def peak_rss_growth(start: tuple[int, bool]) -> int:
+    """Bytes the peak RSS rose above ``start`` (:func:`start_peak_rss`'s result)."""
+    base, reset = start
+    if reset:
+        return max(0, _status_kb("VmHWM") * 1024 - base)
+    import resource
+
+    return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
 def _flag(name: str) -> str:
     return "--" + name
 

@@ -92,8 +92,9 @@ def _pml_fn():
 
 
 def _measure(side: str, b: int, repeats: int, device: str, min_time: float = _MIN_TIMED_S) -> dict:
-    """Runs in a fresh process so peak memory belongs to this side alone."""
-    import resource
+    """Runs in a fresh process so peak memory belongs to this side alone: the growth of the peak
+    RSS over the RSS just before the timed calls (CUDA: of the allocated memory)."""
+    from toolkit.bench import peak_rss_growth, start_peak_rss
 
     fn = {"toolkit": _toolkit_fn, "vectorised": _vectorised_fn, "pml": _pml_fn}[side]()
     emb, labels = _batch(b, device=device)
@@ -101,12 +102,12 @@ def _measure(side: str, b: int, repeats: int, device: str, min_time: float = _MI
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        start = start_peak_rss()
     seconds = _best_seconds(lambda e: fn(e, labels), emb, repeats, device, min_time)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = peak_rss_growth(start)
     loss = float(fn(emb, labels))
     return {"side": side, "batch": b, "seconds": seconds, "peak_bytes": max(0, peak), "loss": loss}
 
@@ -306,7 +307,7 @@ def comparison_table(batch_sizes: list[int], repeats: int, device: str, timeout:
         pml = _run_child("pml", b, repeats, device, timeout, min_time)
         speed = pml["seconds"] / ours["seconds"] if ours["seconds"] and pml["seconds"] else None
         vec_speed = vec["seconds"] / ours["seconds"] if ours["seconds"] and vec["seconds"] else None
-        # RSS growth under ~1 MiB is below what ru_maxrss resolves: no ratio rather than a silly one
+        # RSS growth under ~1 MiB is at the resolution of the measure: no ratio rather than a silly one
         mem = pml["peak_bytes"] / ours["peak_bytes"] if (ours["peak_bytes"] or 0) >= 2**20 and pml["peak_bytes"] else None
         same = abs(vec["loss"] - ours["loss"]) if vec.get("loss") is not None and ours.get("loss") is not None else None
         rows.append({"batch": b, "toolkit": ours, "vectorised": vec, "pml": pml, "speedup": speed,
