@@ -383,7 +383,7 @@ def knn_from_screen(train_emb, query_emb, candidates, worst, *, k: int, query_sq
     if cand.dim() != 2 or cand.shape[0] != q or worst.shape != (q,) or qs.shape != (q,) or not 1 <= k <= n:
         raise ValueError(f"knn: expected (Q, c) candidates, (Q,) worst and (Q,) query_sq for Q = {q} queries and 1 <= k <= {n}, "
                          f"got {tuple(cand.shape)}, {tuple(worst.shape)}, {tuple(qs.shape)}, k={k}")
-    if query64.shape[0] == 0:
+    if q == 0:
         return torch.zeros(0, k, dtype=torch.long, device=device)
     if cand.shape[1] >= n:  # every row a candidate: do it all in float64, as knn_neighbors does
         return _exact_rows(train, query64, k)

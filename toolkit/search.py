@@ -199,9 +199,9 @@ class ExactReference:
                               _centred_rows=np.ascontiguousarray(self.vectors[rows]))
 
     def moved(self, queries) -> np.ndarray:
-        """``queries`` as :meth:`search` compares them: float32, moved by the same centre."""
+        """``queries`` as :meth:`search` compares them: moved by the same centre (float32)."""
         q = _as_array(queries)
-        return as_float32(_centred(q, self.centre) if q.ndim == 2 and self.centre is not None else q)
+        return _centred(q, self.centre) if q.ndim == 2 and self.centre is not None else q
 
     @property
     def norm_max(self) -> float:
@@ -215,9 +215,7 @@ class ExactReference:
     def search(self, queries, k: int, *, moved: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """As :func:`search`: the ``k`` nearest references of each query (squared distances, ids).
         ``moved``: the queries are already :meth:`moved`."""
-        q = _as_array(queries)
-        if q.ndim == 2 and self.centre is not None and not moved:
-            q = _centred(q, self.centre)
+        q = _as_array(queries) if moved else self.moved(queries)
         if self._index is not None:
             return search(self._index, q, k)
         return exact_search(self.vectors, q, k)

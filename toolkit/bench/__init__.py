@@ -36,6 +36,11 @@ BENCHMARKS: dict[str, str] = {
 }
 
 
+def rss_bytes() -> int:
+    """This process's resident set size now, in bytes."""
+    return _status_kb("VmRSS") * 1024
+
+
 def start_peak_rss() -> tuple[int, bool]:
     """Start measuring this process's peak RSS: (RSS now in bytes, whether the kernel's high-water
     mark was reset to it). Linux resets VmHWM on ``5`` written to /proc/self/clear_refs; without
@@ -44,21 +49,22 @@ def start_peak_rss() -> tuple[int, bool]:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return _status_kb("VmRSS") * 1024, True
+        return rss_bytes(), True
     except OSError:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, False
+        return lifetime_peak_rss(), False
 
 
 def peak_rss_growth(start: tuple[int, bool]) -> int:
     """Bytes the peak RSS rose above ``start`` (:func:`start_peak_rss`'s result)."""
     base, reset = start
-    if reset:
-        return max(0, _status_kb("VmHWM") * 1024 - base)
+    return max(0, (_status_kb("VmHWM") * 1024 if reset else lifetime_peak_rss()) - base)
+
+
+def lifetime_peak_rss() -> int:
+    """This process's peak RSS since it started (``ru_maxrss``), in bytes."""
     import resource
 
-    return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _status_kb(field: str) -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 from pathlib import Path
 
@@ -26,11 +25,6 @@ import torch
 import torch.nn.functional as F
 
 BLOCK = 1 << 16
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def make_share(n: int, *, classes: int, dim: int, seed: int, rank: int, world: int, tag: str):
@@ -57,6 +51,7 @@ def run(args) -> None:
     from accelerate import Accelerator, InitProcessGroupKwargs
 
     from toolkit import distributed
+    from toolkit.bench import lifetime_peak_rss, rss_bytes
     from toolkit.evaluation import calibrated_unknown, evaluate_embeddings, gather_to_main, sharded_val_metrics
 
     if args.threads:
@@ -70,7 +65,7 @@ def run(args) -> None:
     train = make_share(args.references, seed=args.seed, tag="train", **common)
     val = make_share(args.queries, seed=args.seed, tag="val", **common)
     accelerator.wait_for_everyone()
-    before = _rss_bytes()
+    before = rss_bytes()
     t0 = time.perf_counter()
     if args.mode == "gather":
         full_train, full_val = gather_to_main(*train), gather_to_main(*val)
@@ -86,7 +81,7 @@ def run(args) -> None:
         result = None if scored is None else scored[:2]
         accelerator.wait_for_everyone()
     wall = time.perf_counter() - t0
-    local = {"rank": rank, "rss_before": before, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    local = {"rank": rank, "rss_before": before, "peak_rss": lifetime_peak_rss()}
     ranks = distributed.all_gather_object(local)
     if rank == 0:
         metrics, unknown = result
